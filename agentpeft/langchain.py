@@ -1,0 +1,62 @@
+"""Registered models as LangChain chat models."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import BaseMessage, SystemMessage
+from langchain_huggingface import ChatHuggingFace, HuggingFacePipeline
+
+from . import registry
+
+_models: dict[str, tuple[Any, Any]] = {}
+_lock = threading.Lock()
+
+
+class SpecialistChat(ChatHuggingFace):
+    """ChatHuggingFace that puts the recipe's system prompt first.
+
+    ChatHuggingFace has no notion of a default system prompt, and the model was trained with one,
+    so the prompt is added here when the caller's messages do not start with their own.
+    """
+
+    system_prompt: str | None = None
+
+    def _to_chat_prompt(self, messages: list[BaseMessage]) -> str:
+        if self.system_prompt and not (messages and isinstance(messages[0], SystemMessage)):
+            messages = [SystemMessage(content=self.system_prompt), *messages]
+        return super()._to_chat_prompt(messages)
+
+
+def _load(folder: str):
+    """Model and tokenizer of a checkpoint folder, loaded once per process."""
+    from .models import load_model, load_tokenizer
+
+    with _lock:
+        if folder not in _models:
+            _models[folder] = (load_model(folder), load_tokenizer(folder))
+        return _models[folder]
+
+
+def load_llm(name: str, version: int | None = None, **generation_kwargs: Any) -> BaseChatModel:
+    """A LangChain chat model over a registered model (``name``, or ``name@version``).
+
+    ``generation_kwargs`` (``max_new_tokens``, ``do_sample``, ``temperature``, ...) go to generation;
+    the default is greedy decoding with up to 256 new tokens.
+    """
+    from transformers import pipeline
+
+    ref = f"{name}@{version}" if version is not None else name
+    entry = registry.resolve(ref)
+    manifest = registry.show(ref)
+    folder = str(entry / "merged")
+    model, tokenizer = _load(folder)
+    kwargs = {"max_new_tokens": 256, "do_sample": False, **generation_kwargs}
+    # Generation settings live on the transformers pipeline: HuggingFacePipeline only forwards
+    # per-call pipeline_kwargs, and its streaming path calls the pipeline directly.
+    pipe = pipeline("text-generation", model=model, tokenizer=tokenizer, return_full_text=False, **kwargs)
+    llm = HuggingFacePipeline(pipeline=pipe, model_id=folder)
+    return SpecialistChat(llm=llm, tokenizer=tokenizer, model_id=f"{manifest['name']}@{manifest['version']}",
+                          system_prompt=manifest.get("system_prompt"))

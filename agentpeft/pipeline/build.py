@@ -1,0 +1,120 @@
+"""``build``: run every stage in order and register the result."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+from .. import __version__
+from ..errors import AgentpeftError
+from ..models import base_info, home, load_tokenizer, resolve_base
+from ..recipe import Recipe, get_recipe
+from ..registry import check_name, publish
+from .dataset import build_dataset
+from .evaluate import EvalResult, evaluate
+from .ingest import ingest
+from .merge import merge
+from .train import train
+
+STAGES = ("ingest", "dataset", "train", "evaluate", "merge", "register")
+
+
+@dataclass
+class BuildResult:
+    """The registered model and the figures of each stage."""
+
+    name: str
+    version: int | None
+    path: Path | None
+    eval: EvalResult
+    build_dir: Path
+    seconds: dict[str, float]
+
+
+def configure(recipe: str | Recipe, kb: str | Path | None = None, base: str | None = None,
+              epochs: float | None = None, max_steps: int | None = None) -> Recipe:
+    """The recipe with command-line overrides applied (validated again)."""
+    recipe = recipe if isinstance(recipe, Recipe) else get_recipe(recipe)
+    train_over = {k: v for k, v in {"epochs": epochs, "max_steps": max_steps}.items() if v is not None}
+    update: dict = {"train": recipe.train.model_copy(update=train_over)}
+    if kb is not None:
+        update["knowledge_base"] = Path(kb).resolve()
+    if base is not None:
+        update["base_model"] = base
+    return recipe.model_copy(update=update)
+
+
+def build(recipe: str | Recipe, kb: str | Path | None = None, name: str | None = None,
+          base: str | None = None, epochs: float | None = None, max_steps: int | None = None,
+          allow_regression: bool = False, show_progress: bool = True,
+          log: Callable[[str], None] = print) -> BuildResult:
+    """ingest -> dataset -> train -> evaluate -> merge -> register, each stage summarized in one line."""
+    recipe = configure(recipe, kb, base, epochs, max_steps)
+    name = check_name(name or recipe.name)
+    if recipe.kb_path is None:
+        raise AgentpeftError(f"recipe {recipe.name!r} has no knowledge base; pass --kb PATH")
+    stamp = datetime.now(timezone.utc)
+    build_dir = home() / "builds" / name / stamp.strftime("%Y%m%dT%H%M%S")
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def done(stage: str, summary: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[stage] = round(now - clock, 1)
+        clock = now
+        log(f"[{STAGES.index(stage) + 1}/{len(STAGES)}] {stage}: {summary} ({seconds[stage]:.0f}s)")
+
+    documents = ingest(recipe.kb_path, recipe.data.loaders)
+    base_dir = resolve_base(recipe.base_model, log=log)
+    done("ingest", f"{len(documents)} document sections from {recipe.kb_path}")
+
+    data = build_dataset(documents, recipe.data.generators, load_tokenizer(base_dir), recipe.system_prompt,
+                         build_dir / "data", recipe.data.train_phrasings, recipe.train.max_seq_len, recipe.data.seed)
+    done("dataset", data.summary())
+
+    trained = train(base_dir, data.path, build_dir, recipe.train, show_progress=show_progress, log=log)
+    done("train", trained.summary())
+
+    from datasets import load_from_disk
+
+    eval_rows = list(load_from_disk(str(data.path))["eval"])
+    result = evaluate(base_dir, trained.adapter_dir, eval_rows, recipe.eval.metrics, recipe.eval.primary,
+                      build_dir / "eval", recipe.eval.max_new_tokens, recipe.eval.batch_size)
+    done("evaluate", result.summary())
+
+    merged = merge(base_dir, trained.adapter_dir, build_dir / "merged", recipe.system_prompt)
+    done("merge", merged.summary())
+
+    if not result.improved and not allow_regression:
+        log(f"[6/6] register: refused: the tuned model does not beat the base on {recipe.eval.primary} "
+            f"({result.tuned[recipe.eval.primary]:.3f} vs {result.base[recipe.eval.primary]:.3f}); "
+            f"nothing registered (--allow-regression overrides); build files in {build_dir}")
+        return BuildResult(name, None, None, result, build_dir, seconds)
+
+    manifest = {
+        "recipe": recipe.name,
+        "description": recipe.description,
+        "system_prompt": recipe.system_prompt,
+        "base_model": base_info(base_dir),
+        "knowledge_base": str(recipe.kb_path),
+        "dataset": data.card,
+        "train": {"config": recipe.train.model_dump(), "steps": trained.steps, "final_loss": trained.final_loss,
+                  "seconds": round(trained.seconds, 1), "tokens": trained.tokens,
+                  "trainable_params": trained.trainable_params, "all_params": trained.all_params},
+        "metrics": {"primary": result.primary, "base": result.base, "tuned": result.tuned},
+        "merge": {"max_logit_diff": merged.max_logit_diff, "tolerance": merged.tolerance},
+        "allow_regression": bool(allow_regression and not result.improved),
+        "created": stamp.isoformat(timespec="seconds"),
+        "agentpeft_version": __version__,
+        "build_dir": str(build_dir),
+    }
+    files = {"merged": merged.path, "adapter": trained.adapter_dir,
+             "dataset_card.md": build_dir / "data" / "dataset_card.md",
+             "eval.json": build_dir / "eval" / "eval.json", "report.md": build_dir / "eval" / "report.md"}
+    version, path = publish(name, files, manifest)
+    done("register", f"{name}@{version} -> {path}")
+    return BuildResult(name, version, path, result, build_dir, seconds)

@@ -1,0 +1,110 @@
+"""Stage 3, train: a PEFT adapter (QLoRA by default) trained with TRL's SFTTrainer on the answer tokens."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..recipe import TrainConfig
+
+
+@dataclass
+class TrainResult:
+    """The trained adapter and what it cost."""
+
+    adapter_dir: Path
+    steps: int
+    final_loss: float
+    seconds: float
+    trainable_params: int
+    all_params: int
+    tokens: int
+
+    def summary(self) -> str:
+        return (f"{self.steps} steps, final loss {self.final_loss:.3f}, {self.seconds:.0f}s "
+                f"({self.tokens / max(self.seconds, 1e-9):.0f} tokens/s), "
+                f"{self.trainable_params:,} trainable params")
+
+
+def trainable_parameters(model) -> tuple[int, int]:
+    """(trainable, all) parameter counts, counted as peft's print_trainable_parameters does."""
+    return model.get_nb_trainable_parameters()
+
+
+def train(base_dir: Path, dataset_dir: Path, out_dir: Path, cfg: TrainConfig, resume: bool = False,
+          show_progress: bool = True, log=print) -> TrainResult:
+    """Train an adapter on the dataset's train split; save it to ``out_dir/adapter``."""
+    import torch
+    from datasets import load_from_disk
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from trl import SFTConfig, SFTTrainer
+
+    from ..models import load_model, load_tokenizer
+
+    torch.manual_seed(cfg.seed)
+    train_set = load_from_disk(str(dataset_dir))["train"]
+    tokenizer = load_tokenizer(base_dir)
+    tokenizer.padding_side = "right"
+    quantized = cfg.method == "qlora"
+    model = load_model(base_dir, quantized=quantized)
+    if quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    model = get_peft_model(model, LoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
+        task_type="CAUSAL_LM"))
+    trainable, total = trainable_parameters(model)
+    log(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
+
+    steps_per_epoch = math.ceil(len(train_set) / (cfg.batch_size * cfg.grad_accum))
+    planned = cfg.max_steps if cfg.max_steps > 0 else math.ceil(steps_per_epoch * cfg.epochs)
+    cuda = torch.cuda.is_available()
+    args = SFTConfig(
+        output_dir=str(out_dir / "checkpoints"),
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, round(cfg.warmup_ratio * planned)) if cfg.warmup_ratio else 0,
+        max_grad_norm=cfg.max_grad_norm,
+        weight_decay=0.0,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=max(10, planned // 4),
+        save_total_limit=2,
+        report_to="none",
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=cuda and torch.cuda.is_bf16_supported(),
+        use_cpu=not cuda,
+        completion_only_loss=True,
+        max_length=cfg.max_seq_len,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        disable_tqdm=not show_progress,
+        dataloader_num_workers=0,
+    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_set.select_columns(["prompt", "completion"]),
+                         processing_class=tokenizer)
+    checkpoint = resume and _last_checkpoint(out_dir / "checkpoints")
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=checkpoint or None)
+    seconds = time.perf_counter() - start
+    adapter_dir = out_dir / "adapter"
+    model.save_pretrained(str(adapter_dir))
+    history = trainer.state.log_history
+    with open(out_dir / "train_log.jsonl", "w") as fh:
+        for row in history:
+            fh.write(json.dumps(row) + "\n")
+    losses = [row["loss"] for row in history if "loss" in row]
+    return TrainResult(adapter_dir, trainer.state.global_step, losses[-1] if losses else float("nan"),
+                       seconds, trainable, total, int(max((r.get("num_tokens", 0) for r in history), default=0)))
+
+
+def _last_checkpoint(folder: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(folder)) if folder.is_dir() else None

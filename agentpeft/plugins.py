@@ -1,0 +1,85 @@
+"""The pluggy plugin manager: built-in plugins plus the ``agentpeft`` entry-point group."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from importlib.metadata import entry_points
+
+import pluggy
+
+from . import hookspecs
+
+DEFAULT_PLUGINS = (
+    "agentpeft.default_plugins.recipes",
+    "agentpeft.default_plugins.loaders",
+    "agentpeft.default_plugins.generators",
+    "agentpeft.default_plugins.metrics",
+)
+
+pm = pluggy.PluginManager("agentpeft")
+pm.add_hookspecs(hookspecs)
+
+#: Entry points that failed to load: ``{name: "error message"}``.
+failed_plugins: dict[str, str] = {}
+#: The distribution each third-party plugin came from: ``{name: "package version"}``.
+plugin_packages: dict[str, str] = {}
+
+_loaded = False
+
+
+def _disabled() -> set[str] | bool:
+    value = os.environ.get("AGENTPEFT_DISABLE_PLUGINS", "").strip()
+    if value in ("", "0"):
+        return set()
+    if value in ("1", "all", "true"):
+        return True
+    return {name.strip() for name in value.split(",") if name.strip()}
+
+
+def load_plugins() -> pluggy.PluginManager:
+    """Register the built-in plugins, then third-party ones from entry points (once)."""
+    global _loaded
+    if _loaded:
+        return pm
+    _loaded = True
+    for name in DEFAULT_PLUGINS:
+        if not pm.has_plugin(name):
+            pm.register(importlib.import_module(name), name)
+    disabled = _disabled()
+    if disabled is True:
+        return pm
+    for ep in entry_points(group="agentpeft"):
+        if ep.name in disabled or pm.has_plugin(ep.name):
+            continue
+        try:
+            pm.register(ep.load(), ep.name)
+            if ep.dist is not None:
+                plugin_packages[ep.name] = f"{ep.dist.name} {ep.dist.version}"
+        except Exception as exc:  # a broken plugin must never break the CLI
+            failed_plugins[ep.name] = f"{type(exc).__name__}: {exc}"
+    return pm
+
+
+def get_plugins() -> list[dict]:
+    """Describe every registered plugin: name, hooks and distribution."""
+    load_plugins()
+    out = []
+    for plugin in pm.get_plugins():
+        name = pm.get_name(plugin)
+        out.append(
+            {
+                "name": name,
+                "hooks": sorted(h.name for h in pm.get_hookcallers(plugin) or []),
+                "package": plugin_packages.get(name, "agentpeft (built-in)"),
+            }
+        )
+    return out
+
+
+def collect(hook_name: str) -> list:
+    """Call a ``register_*`` hook and return everything the plugins registered."""
+    load_plugins()
+    items: list = []
+    getattr(pm.hook, hook_name)(register=items.append)
+    return items

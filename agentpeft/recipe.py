@@ -1,0 +1,125 @@
+"""Recipes: validated, declarative descriptions of a specialization job."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import AgentpeftError
+from .plugins import collect
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Strict):
+    """How the knowledge base becomes instruction pairs."""
+
+    loaders: list[str] = ["markdown"]
+    generators: list[str] = ["faq", "facts"]
+    train_phrasings: int = Field(4, ge=1, le=8, description="question phrasings per fact in train")
+    seed: int = 0
+
+
+class TrainConfig(_Strict):
+    """PEFT method and trainer hyperparameters."""
+
+    method: Literal["qlora", "lora"] = "qlora"
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    epochs: float = Field(3.0, gt=0)
+    max_steps: int = -1
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    max_seq_len: int = Field(256, ge=16)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    gradient_checkpointing: bool = False
+    seed: int = 42
+
+
+class EvalConfig(_Strict):
+    """Metrics and generation settings of the evaluation."""
+
+    metrics: list[str] = ["accuracy", "rouge_l"]
+    primary: str = "accuracy"
+    max_new_tokens: int = Field(64, ge=1)
+    batch_size: int = Field(16, ge=1)
+
+    @field_validator("primary")
+    @classmethod
+    def _primary_is_a_metric(cls, v: str, info) -> str:
+        if v not in info.data.get("metrics", []):
+            raise ValueError(f"primary metric {v!r} must be one of metrics {info.data.get('metrics')}")
+        return v
+
+
+class Recipe(_Strict):
+    """A recipe: knowledge base, data mix, PEFT setup and metrics, as data."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
+    description: str = ""
+    system_prompt: str
+    base_model: str = "smollm2-135m"
+    knowledge_base: Path | None = None
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    #: Folder of the recipe file; a relative knowledge_base resolves against it.
+    root: Path | None = Field(None, exclude=True)
+
+    @property
+    def kb_path(self) -> Path | None:
+        if self.knowledge_base is None:
+            return None
+        if self.knowledge_base.is_absolute() or self.root is None:
+            return self.knowledge_base
+        return self.root / self.knowledge_base
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Recipe":
+        """Load and validate a recipe file (YAML)."""
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as exc:
+            raise AgentpeftError(f"cannot read recipe file {path}: {exc}") from None
+        if not isinstance(raw, dict):
+            raise AgentpeftError(f"recipe file {path} must hold a mapping of fields, not {type(raw).__name__}")
+        try:
+            return cls(**raw, root=path.parent)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            field = ".".join(str(p) for p in first["loc"]) or "(top level)"
+            raise AgentpeftError(
+                f"recipe file {path}: field '{field}': {first['msg']} (fix the field and retry)"
+            ) from None
+
+
+def get_recipes() -> dict[str, Recipe]:
+    """All registered recipes by name (built-in and from plugins)."""
+    recipes: dict[str, Recipe] = {}
+    for item in collect("register_recipes"):
+        recipe = item if isinstance(item, Recipe) else Recipe.from_file(item)
+        recipes.setdefault(recipe.name, recipe)
+    return recipes
+
+
+def get_recipe(name: str) -> Recipe:
+    """Look a recipe up by name, or load it from a recipe file path."""
+    if name.endswith((".yaml", ".yml")) and Path(name).is_file():
+        return Recipe.from_file(name)
+    recipes = get_recipes()
+    if name not in recipes:
+        known = ", ".join(sorted(recipes)) or "none"
+        raise AgentpeftError(
+            f"unknown recipe {name!r} (known: {known}); run `agentpeft recipes` to list them"
+        )
+    return recipes[name]

@@ -1,0 +1,164 @@
+"""The local model registry: ``AGENTPEFT_HOME/registry/NAME/VERSION/``, published atomically."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import AgentpeftError
+from .models import home
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+
+
+def registry_dir() -> Path:
+    return home() / "registry"
+
+
+def check_name(name: str) -> str:
+    """A registry name: lower case letters, digits, '.', '_' and '-', no path parts."""
+    if not _NAME.match(name or "") or ".." in name:
+        raise AgentpeftError(
+            f"invalid model name {name!r}: use lower-case letters, digits, '.', '_' or '-' "
+            "(at most 64 characters, no slashes), e.g. --name my-bot"
+        )
+    return name
+
+
+def parse_ref(ref: str) -> tuple[str, int | None]:
+    """``NAME`` (the latest version) or ``NAME@VERSION``."""
+    name, _, version = ref.partition("@")
+    check_name(name)
+    if version and not version.isdigit():
+        raise AgentpeftError(f"invalid version {version!r} in {ref!r}; use NAME@N with a number, e.g. {name}@1")
+    return name, int(version) if version else None
+
+
+def versions(name: str) -> list[int]:
+    folder = registry_dir() / name
+    if not folder.is_dir():
+        return []
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and (p / "manifest.json").is_file())
+
+
+def resolve(ref: str) -> Path:
+    """The folder of a registered model version."""
+    name, version = parse_ref(ref)
+    known = versions(name)
+    if not known:
+        raise AgentpeftError(f"no model named {name!r} in the registry; build one with `agentpeft build RECIPE --name {name}` or see `agentpeft list`")
+    version = version or known[-1]
+    if version not in known:
+        raise AgentpeftError(f"{name} has no version {version}; versions: {', '.join(map(str, known))}")
+    return registry_dir() / name / str(version)
+
+
+def show(ref: str) -> dict:
+    """The manifest of a registered model version."""
+    return json.loads((resolve(ref) / "manifest.json").read_text())
+
+
+def list_models() -> list[dict]:
+    """One row per registered name: latest manifest plus the list of versions."""
+    rows = []
+    root = registry_dir()
+    for folder in sorted(root.iterdir()) if root.is_dir() else []:
+        known = versions(folder.name)
+        if known:
+            rows.append({**show(f"{folder.name}@{known[-1]}"), "versions": known})
+    return rows
+
+
+@contextmanager
+def _lock(name: str):
+    folder = registry_dir() / name
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield folder
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def publish(name: str, files: dict[str, Path], manifest: dict) -> tuple[int, Path]:
+    """Put ``files`` (destination name -> source path) into a new version, atomically.
+
+    Folders are moved (they are the build's own scratch output), single files copied.
+
+    Everything is written into a staging folder beside the versions and renamed into place,
+    so an interrupted publish never leaves a half entry.
+    """
+    check_name(name)
+    with _lock(name) as folder:
+        version = (versions(name) or [0])[-1] + 1
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=folder))
+        try:
+            for dest, src in files.items():
+                target = staging / dest
+                if src.is_dir():
+                    shutil.move(str(src), str(target))
+                else:
+                    shutil.copy2(src, target)
+            manifest = {**manifest, "name": name, "version": version}
+            (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
+            (staging / "README.md").write_text(model_card(manifest))
+            os.rename(staging, folder / str(version))
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    return version, folder / str(version)
+
+
+def model_card(m: dict) -> str:
+    """A Hugging Face style model card for a manifest."""
+    ev = m.get("metrics", {})
+    rows = "\n".join(f"| {k} | {ev['base'][k]:.3f} | {ev['tuned'][k]:.3f} |" for k in ev.get("tuned", {}))
+    hp = "\n".join(f"- {k}: {v}" for k, v in m.get("train", {}).get("config", {}).items())
+    return f"""---
+base_model: {m['base_model']['name']}
+library_name: peft
+license: {m['base_model'].get('license', 'other')}
+tags: [agentpeft, {m['train']['config']['method']}, {m['recipe']}]
+---
+
+# {m['name']} (version {m['version']})
+
+{m.get('description', '')}
+
+Fine-tuned by agentpeft {m['agentpeft_version']} from the `{m['recipe']}` recipe on {m['created']}.
+Base model: `{m['base_model']['name']}` (weights sha256 `{m['base_model']['sha256'][:16]}...`).
+Dataset: {m['dataset']['facts']} facts, {m['dataset']['splits']['train']} train and {m['dataset']['splits']['eval']} held-out pairs (hash `{m['dataset']['hash'][:16]}...`).
+
+## Evaluation (held-out questions, greedy decoding)
+
+| metric | base | tuned |
+|---|---|---|
+{rows}
+
+Primary metric: {ev.get('primary')}.{' Registered despite no improvement (--allow-regression).' if m.get('allow_regression') else ''}
+
+## Training
+
+{hp}
+
+## Files
+
+- `merged/`: the adapter merged into the dequantized base (safetensors, fp32); max logit difference to the adapter {m['merge']['max_logit_diff']:.2e}.
+- `adapter/`: the peft adapter.
+- `dataset_card.md`, `eval.json`, `report.md`.
+
+## Use
+
+```python
+from agentpeft.langchain import load_llm
+llm = load_llm("{m['name']}")
+print(llm.invoke("...").content)
+```
+"""

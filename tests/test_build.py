@@ -1,0 +1,79 @@
+"""The whole pipeline on a tiny random-init model: every stage runs and the result is usable."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from agentpeft.cli import cli
+from agentpeft.pipeline.build import build
+from agentpeft.registry import registry_dir
+
+
+@pytest.fixture(scope="module")
+def built(tiny_base, tmp_path_factory):
+    home = tmp_path_factory.mktemp("home")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("AGENTPEFT_HOME", str(home))
+    result = build("support-bot", base=str(tiny_base), max_steps=3, allow_regression=True,
+                   show_progress=False, log=lambda s: None)
+    yield result
+    mp.undo()
+
+
+def test_build_registers_every_artifact(built):
+    assert built.version == 1
+    for name in ("manifest.json", "README.md", "merged/model.safetensors", "merged/tokenizer.json",
+                 "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "eval.json", "report.md",
+                 "dataset_card.md"):
+        assert (built.path / name).is_file(), name
+    manifest = json.loads((built.path / "manifest.json").read_text())
+    assert manifest["train"]["steps"] == 3
+    assert manifest["train"]["config"]["method"] == "qlora"
+    assert set(manifest["metrics"]["base"]) == {"accuracy", "rouge_l"}
+    assert manifest["merge"]["max_logit_diff"] <= 1e-3
+    assert len(manifest["base_model"]["sha256"]) == 64
+    config = json.loads((built.path / "merged" / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert set(built.seconds) == {"ingest", "dataset", "train", "evaluate", "merge", "register"}
+
+
+def test_adapter_was_trained_against_4bit_weights(built):
+    from peft import PeftConfig
+
+    config = PeftConfig.from_pretrained(str(built.path / "adapter"))
+    assert config.r == 16 and config.peft_type == "LORA"
+    log = [json.loads(line) for line in (built.build_dir / "train_log.jsonl").read_text().splitlines()]
+    assert any("loss" in row for row in log) and all(row.get("grad_norm", 0) == row.get("grad_norm", 0) for row in log)
+
+
+def test_load_llm_invoke_and_stream(built, monkeypatch):
+    monkeypatch.setenv("AGENTPEFT_HOME", str(built.path.parents[2]))
+    from agentpeft.langchain import load_llm
+
+    llm = load_llm("support-bot", max_new_tokens=5)
+    reply = llm.invoke("How long is the warranty?")
+    assert isinstance(reply.content, str) and reply.content
+    chunks = list(llm.stream("How long is the warranty?"))
+    assert len(chunks) >= 1 and "".join(c.content for c in chunks).strip() == reply.content.strip()
+    assert load_llm("support-bot", version=1).llm.pipeline.model is llm.llm.pipeline.model  # loaded once
+
+
+def test_cli_show_and_list(built, monkeypatch):
+    monkeypatch.setenv("AGENTPEFT_HOME", str(built.path.parents[2]))
+    runner = CliRunner()
+    shown = runner.invoke(cli, ["show", "support-bot", "--json"])
+    assert shown.exit_code == 0, shown.output
+    manifest = json.loads(shown.output)
+    assert manifest["name"] == "support-bot" and "tuned" in manifest["metrics"]
+    listed = runner.invoke(cli, ["list"])
+    assert "support-bot@1" in listed.output
+
+
+def test_gate_refuses_registration_without_improvement(tiny_base, home):
+    result = build("support-bot", base=str(tiny_base), max_steps=1, show_progress=False, log=lambda s: None,
+                   name="gated")
+    # A random 2-layer model answers no key fact before or after one step: no improvement.
+    assert result.eval.tuned["accuracy"] == result.eval.base["accuracy"] == 0.0
+    assert result.version is None
+    assert not (registry_dir() / "gated").exists() or not any((registry_dir() / "gated").glob("[0-9]*"))

@@ -1,0 +1,53 @@
+"""Third-party plugins use the same hooks as the built-ins; a broken one is reported, not fatal."""
+
+import importlib
+import sys
+import types
+
+from click.testing import CliRunner
+
+from agentpeft import plugins
+from agentpeft.hookspecs import hookimpl
+from agentpeft.recipe import Recipe, get_recipes
+
+
+class _EntryPoint:
+    def __init__(self, name, target):
+        self.name, self._target, self.dist = name, target, None
+
+    def load(self):
+        if isinstance(self._target, Exception):
+            raise self._target
+        return self._target
+
+
+def test_entry_point_plugins_register_recipes_and_broken_ones_are_reported(monkeypatch, tmp_path):
+    plugin = types.ModuleType("acme_plugin")
+
+    @hookimpl
+    def register_recipes(register):
+        register(Recipe(name="acme-hr", system_prompt="You answer HR questions.", knowledge_base=tmp_path))
+
+    plugin.register_recipes = register_recipes
+    eps = [_EntryPoint("acme", plugin), _EntryPoint("broken", ImportError("No module named 'nothing'"))]
+    monkeypatch.setattr(plugins, "entry_points", lambda group: eps)
+    monkeypatch.setattr(plugins, "_loaded", False)
+    monkeypatch.setattr(plugins, "failed_plugins", {})
+    for name in plugins.DEFAULT_PLUGINS:
+        plugins.pm.unregister(name=name)
+    try:
+        assert "acme-hr" in get_recipes() and "support-bot" in get_recipes()
+        assert "broken" in plugins.failed_plugins
+        from agentpeft.cli import cli
+
+        out = CliRunner().invoke(cli, ["plugins"]).output
+        assert "acme" in out and "FAILED broken" in out
+    finally:
+        plugins.pm.unregister(name="acme")
+
+
+def test_disable_plugins_env(monkeypatch):
+    monkeypatch.setenv("AGENTPEFT_DISABLE_PLUGINS", "1")
+    assert plugins._disabled() is True
+    monkeypatch.setenv("AGENTPEFT_DISABLE_PLUGINS", "a, b")
+    assert plugins._disabled() == {"a", "b"}
