@@ -32,21 +32,54 @@ def cli():
     """Turn a knowledge base into a specialized, evaluated, fine-tuned LLM for LangChain agents."""
 
 
+TRAIN_OPTIONS = (
+    click.option("--method", type=click.Choice(["qlora", "lora", "dora", "prefix", "prompt"]), help="PEFT method."),
+    click.option("--r", type=int, help="LoRA rank."),
+    click.option("--alpha", type=int, help="LoRA alpha."),
+    click.option("--dropout", type=float, help="LoRA dropout."),
+    click.option("--target-modules", help="Comma-separated module names, or all-linear."),
+    click.option("--epochs", type=float, help="Training epochs."),
+    click.option("--lr", type=float, help="Peak learning rate."),
+    click.option("--max-steps", type=int, help="Stop after N optimizer steps (overrides --epochs)."),
+    click.option("--batch-size", type=int, help="Examples per device step."),
+    click.option("--grad-accum", type=int, help="Gradient-accumulation steps."),
+    click.option("--max-seq-len", type=int, help="Longest rendered pair, in tokens."),
+    click.option("--seed", type=int, help="Random seed."),
+    click.option("--report-to", type=click.Choice(["none", "tensorboard", "wandb"]), multiple=True,
+                 help="Also log to TensorBoard or Weights & Biases (repeatable)."),
+)
+
+
+def train_options(command):
+    """The training overrides shared by the commands that train (recipe values otherwise)."""
+    for option in reversed(TRAIN_OPTIONS):
+        command = option(command)
+    return command
+
+
+def _train_overrides(options: dict) -> dict:
+    modules = options.pop("target_modules", None)
+    if modules:
+        options["target_modules"] = modules if modules == "all-linear" else [m.strip() for m in modules.split(",")]
+    options["report_to"] = list(options.pop("report_to", ())) or None
+    return options
+
+
 @cli.command()
 @click.argument("recipe")
 @click.option("--kb", type=click.Path(), help="Knowledge-base folder or file (default: the recipe's own).")
 @click.option("--name", help="Register under this name (default: the recipe's name).")
 @click.option("--base", help="Base model: an alias (smollm2-135m), a local folder or a hub id.")
-@click.option("--epochs", type=float, help="Training epochs (overrides the recipe).")
-@click.option("--max-steps", type=int, help="Stop training after N optimizer steps (overrides --epochs).")
+@train_options
+@click.option("--resume", is_flag=True, help="Continue the last unfinished build of this name from its last checkpoint.")
 @click.option("--allow-regression", is_flag=True, help="Register even if the tuned model does not beat the base.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def build(recipe, kb, name, base, epochs, max_steps, allow_regression, quiet):
+def build(recipe, kb, name, base, resume, allow_regression, quiet, **train):
     """Build RECIPE end to end: ingest, dataset, train, evaluate, merge, register."""
     from .pipeline.build import build as run_build
 
-    result = run_build(recipe, kb=kb, name=name, base=base, epochs=epochs, max_steps=max_steps,
-                       allow_regression=allow_regression, show_progress=not quiet, log=click.echo)
+    result = run_build(recipe, kb=kb, name=name, base=base, allow_regression=allow_regression, resume=resume,
+                       show_progress=not quiet, log=click.echo, **_train_overrides(train))
     click.echo("\n" + result.eval.table())
     if result.version is None:
         sys.exit(2)
@@ -123,6 +156,29 @@ def show(ref, as_json):
 
     manifest = show_manifest(ref)
     _emit(manifest, as_json, model_card(manifest))
+
+
+@cli.command()
+@click.argument("ref")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def rm(ref, yes):
+    """Remove a registered model: NAME (every version) or NAME@VERSION."""
+    from .registry import remove
+
+    if not yes:
+        click.confirm(f"Remove {ref} from the registry?", abort=True)
+    for path in remove(ref):
+        click.echo(f"removed {path}")
+
+
+@cli.command()
+@click.argument("ref")
+@click.argument("directory", type=click.Path(file_okay=False))
+def export(ref, directory):
+    """Copy a registered model version (REF: NAME or NAME@VERSION) into DIRECTORY."""
+    from .registry import export as export_entry
+
+    click.echo(f"exported {ref} to {export_entry(ref, directory)}")
 
 
 @cli.command()

@@ -30,14 +30,19 @@ class SpecialistChat(ChatHuggingFace):
         return super()._to_chat_prompt(messages)
 
 
-def _load(folder: str):
-    """Model and tokenizer of a checkpoint folder, loaded once per process."""
-    from .models import load_model, load_tokenizer
+def _load(entry, manifest: dict):
+    """Model and tokenizer of a registry entry (merged, or base + adapter), loaded once per process."""
+    from .models import load_model, load_tokenizer, load_tuned
 
+    key = str(entry)
     with _lock:
-        if folder not in _models:
-            _models[folder] = (load_model(folder), load_tokenizer(folder))
-        return _models[folder]
+        if key not in _models:
+            if (entry / "merged").is_dir():
+                _models[key] = (load_model(entry / "merged"), load_tokenizer(entry / "merged"))
+            else:
+                base = manifest["base_model"]["path"]
+                _models[key] = (load_tuned(base, entry / "adapter"), load_tokenizer(base))
+        return _models[key]
 
 
 def load_llm(name: str, version: int | None = None, **generation_kwargs: Any) -> BaseChatModel:
@@ -51,12 +56,11 @@ def load_llm(name: str, version: int | None = None, **generation_kwargs: Any) ->
     ref = f"{name}@{version}" if version is not None else name
     entry = registry.resolve(ref)
     manifest = registry.show(ref)
-    folder = str(entry / "merged")
-    model, tokenizer = _load(folder)
+    model, tokenizer = _load(entry, manifest)
     kwargs = {"max_new_tokens": 256, "do_sample": False, **generation_kwargs}
     # Generation settings live on the transformers pipeline: HuggingFacePipeline only forwards
     # per-call pipeline_kwargs, and its streaming path calls the pipeline directly.
     pipe = pipeline("text-generation", model=model, tokenizer=tokenizer, return_full_text=False, **kwargs)
-    llm = HuggingFacePipeline(pipeline=pipe, model_id=folder)
+    llm = HuggingFacePipeline(pipeline=pipe, model_id=str(entry))
     return SpecialistChat(llm=llm, tokenizer=tokenizer, model_id=f"{manifest['name']}@{manifest['version']}",
                           system_prompt=manifest.get("system_prompt"))

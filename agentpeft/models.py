@@ -43,6 +43,8 @@ ALIASES: dict[str, WheelModel] = {
     ),
 }
 DEFAULT_BASE = "smollm2-135m"
+#: Written beside an adapter by the train stage: its method and whether its base was quantized.
+ADAPTER_META = "agentpeft-adapter.json"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -236,6 +238,27 @@ def load_model(folder: Path | str, quantized: bool = False, dequantized: bool = 
         model.hf_quantizer = None
         model.is_quantized = False
     return model.eval()
+
+
+def adapter_meta(adapter_dir: Path | str) -> dict:
+    """What the train stage recorded about an adapter (method, quantized base, mergeable)."""
+    meta = Path(adapter_dir) / ADAPTER_META
+    if not meta.is_file():
+        raise AgentpeftError(f"{adapter_dir} is not an agentpeft adapter folder (no {ADAPTER_META}); train one first")
+    return json.loads(meta.read_text())
+
+
+def load_tuned(base_dir: Path | str, adapter_dir: Path | str, merge: bool = False):
+    """The base (NF4-dequantized if the adapter was trained on 4-bit weights) with the adapter applied.
+
+    ``merge`` folds a LoRA/DoRA adapter into the fp32 weights, which generates faster and
+    gives the same outputs; prefix and prompt adapters stay unmerged.
+    """
+    from peft import PeftModel
+
+    meta = adapter_meta(adapter_dir)
+    model = PeftModel.from_pretrained(load_model(base_dir, dequantized=meta["quantized_base"]), str(adapter_dir))
+    return (model.merge_and_unload() if merge and meta["mergeable"] else model).eval()
 
 
 def _device() -> str:

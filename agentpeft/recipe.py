@@ -28,7 +28,7 @@ class DataConfig(_Strict):
 class TrainConfig(_Strict):
     """PEFT method and trainer hyperparameters."""
 
-    method: Literal["qlora", "lora"] = "qlora"
+    method: Literal["qlora", "lora", "dora", "prefix", "prompt"] = "qlora"
     r: int = Field(16, ge=1)
     alpha: int = Field(32, ge=1)
     dropout: float = Field(0.05, ge=0, lt=1)
@@ -41,7 +41,10 @@ class TrainConfig(_Strict):
     max_seq_len: int = Field(256, ge=16)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     max_grad_norm: float = Field(1.0, gt=0)
+    virtual_tokens: int = Field(20, ge=1, description="prefix and prompt tuning")
     gradient_checkpointing: bool = False
+    save_steps: int = Field(0, ge=0, description="checkpoint every N steps; 0 = four times per run")
+    report_to: list[Literal["none", "tensorboard", "wandb"]] = ["none"]
     seed: int = 42
 
 

@@ -75,6 +75,30 @@ def list_models() -> list[dict]:
     return rows
 
 
+def remove(ref: str) -> list[Path]:
+    """Delete one version (``NAME@N``) or every version (``NAME``) of a registered model."""
+    name, version = parse_ref(ref)
+    resolve(ref)  # the error names what exists
+    with _lock(name) as folder:
+        targets = [folder / str(version)] if version else [folder / str(v) for v in versions(name)]
+        for target in targets:
+            # Renamed away first, so a reader never sees a half-deleted version.
+            trash = Path(tempfile.mkdtemp(prefix=".trash-", dir=folder))
+            os.rename(target, trash / "entry")
+            shutil.rmtree(trash)
+    return targets
+
+
+def export(ref: str, directory: str | Path) -> Path:
+    """Copy a version's folder (manifest, card, adapter, merged weights) to ``directory``."""
+    source = resolve(ref)
+    target = Path(directory)
+    if target.exists() and any(target.iterdir()):
+        raise AgentpeftError(f"{target} exists and is not empty; export into a new or empty folder")
+    shutil.copytree(source, target, dirs_exist_ok=True)
+    return target
+
+
 @contextmanager
 def _lock(name: str):
     folder = registry_dir() / name
@@ -121,6 +145,9 @@ def model_card(m: dict) -> str:
     ev = m.get("metrics", {})
     rows = "\n".join(f"| {k} | {ev['base'][k]:.3f} | {ev['tuned'][k]:.3f} |" for k in ev.get("tuned", {}))
     hp = "\n".join(f"- {k}: {v}" for k, v in m.get("train", {}).get("config", {}).items())
+    merged_line = (f"- `merged/`: the adapter merged into the base (safetensors, fp32); max logit difference "
+                   f"to the unmerged adapter {m['merge']['max_logit_diff']:.2e}." if m.get("merge")
+                   else f"- no `merged/`: a {m['train']['config']['method']} adapter is used as base + adapter.")
     return f"""---
 base_model: {m['base_model']['name']}
 library_name: peft
@@ -150,7 +177,7 @@ Primary metric: {ev.get('primary')}.{' Registered despite no improvement (--allo
 
 ## Files
 
-- `merged/`: the adapter merged into the dequantized base (safetensors, fp32); max logit difference to the adapter {m['merge']['max_logit_diff']:.2e}.
+{merged_line}
 - `adapter/`: the peft adapter.
 - `dataset_card.md`, `eval.json`, `report.md`.
 

@@ -22,6 +22,7 @@ def test_bad_input_is_one_line(home, tmp_path, monkeypatch, args, message):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     (tmp_path / "empty").mkdir()
     args = [a.replace("{empty}", str(tmp_path / "empty")) for a in args]
+    args += ["--quiet"] if args[0] == "build" else []
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 1, result.output
     lines = result.output.strip().splitlines()

@@ -12,12 +12,13 @@ from .. import __version__
 from ..errors import AgentpeftError
 from ..models import base_info, home, load_tokenizer, resolve_base
 from ..recipe import Recipe, get_recipe
+from ..progress import set_enabled
 from ..registry import check_name, publish
 from .dataset import build_dataset
 from .evaluate import EvalResult, evaluate
 from .ingest import ingest
 from .merge import merge
-from .train import train
+from .train import MERGEABLE, train
 
 STAGES = ("ingest", "dataset", "train", "evaluate", "merge", "register")
 
@@ -35,11 +36,20 @@ class BuildResult:
 
 
 def configure(recipe: str | Recipe, kb: str | Path | None = None, base: str | None = None,
-              epochs: float | None = None, max_steps: int | None = None) -> Recipe:
-    """The recipe with command-line overrides applied (validated again)."""
+              **train_overrides) -> Recipe:
+    """The recipe with command-line overrides applied (``train_overrides`` are TrainConfig fields)."""
+    from pydantic import ValidationError
+
+    from ..recipe import TrainConfig
+
     recipe = recipe if isinstance(recipe, Recipe) else get_recipe(recipe)
-    train_over = {k: v for k, v in {"epochs": epochs, "max_steps": max_steps}.items() if v is not None}
-    update: dict = {"train": recipe.train.model_copy(update=train_over)}
+    over = {k: v for k, v in train_overrides.items() if v is not None}
+    try:
+        train_cfg = TrainConfig(**{**recipe.train.model_dump(), **over})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise AgentpeftError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
+    update: dict = {"train": train_cfg}
     if kb is not None:
         update["knowledge_base"] = Path(kb).resolve()
     if base is not None:
@@ -48,16 +58,20 @@ def configure(recipe: str | Recipe, kb: str | Path | None = None, base: str | No
 
 
 def build(recipe: str | Recipe, kb: str | Path | None = None, name: str | None = None,
-          base: str | None = None, epochs: float | None = None, max_steps: int | None = None,
-          allow_regression: bool = False, show_progress: bool = True,
-          log: Callable[[str], None] = print) -> BuildResult:
-    """ingest -> dataset -> train -> evaluate -> merge -> register, each stage summarized in one line."""
-    recipe = configure(recipe, kb, base, epochs, max_steps)
+          base: str | None = None, allow_regression: bool = False, resume: bool = False,
+          show_progress: bool = True, log: Callable[[str], None] = print, **train_overrides) -> BuildResult:
+    """ingest -> dataset -> train -> evaluate -> merge -> register, each stage summarized in one line.
+
+    ``train_overrides`` are TrainConfig fields (epochs, max_steps, method, r, lr, ...);
+    ``resume`` continues the name's last unfinished build from its last checkpoint.
+    """
+    set_enabled(show_progress)
+    recipe = configure(recipe, kb, base, **train_overrides)
     name = check_name(name or recipe.name)
     if recipe.kb_path is None:
         raise AgentpeftError(f"recipe {recipe.name!r} has no knowledge base; pass --kb PATH")
     stamp = datetime.now(timezone.utc)
-    build_dir = home() / "builds" / name / stamp.strftime("%Y%m%dT%H%M%S")
+    build_dir = (resume and _unfinished_build(name)) or home() / "builds" / name / stamp.strftime("%Y%m%dT%H%M%S")
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -76,7 +90,7 @@ def build(recipe: str | Recipe, kb: str | Path | None = None, name: str | None =
                          build_dir / "data", recipe.data.train_phrasings, recipe.train.max_seq_len, recipe.data.seed)
     done("dataset", data.summary())
 
-    trained = train(base_dir, data.path, build_dir, recipe.train, show_progress=show_progress, log=log)
+    trained = train(base_dir, data.path, build_dir, recipe.train, resume=resume, log=log)
     done("train", trained.summary())
 
     from datasets import load_from_disk
@@ -86,13 +100,23 @@ def build(recipe: str | Recipe, kb: str | Path | None = None, name: str | None =
                       build_dir / "eval", recipe.eval.max_new_tokens, recipe.eval.batch_size)
     done("evaluate", result.summary())
 
-    merged = merge(base_dir, trained.adapter_dir, build_dir / "merged", recipe.system_prompt)
-    done("merge", merged.summary())
+    files = {"adapter": trained.adapter_dir, "dataset_card.md": build_dir / "data" / "dataset_card.md",
+             "eval.json": build_dir / "eval" / "eval.json", "report.md": build_dir / "eval" / "report.md",
+             "loss_curve.png": build_dir / "loss_curve.png"}
+    merge_info = None
+    if recipe.train.method in MERGEABLE:
+        merged = merge(base_dir, trained.adapter_dir, build_dir / "merged", recipe.system_prompt)
+        files["merged"] = merged.path
+        merge_info = {"max_logit_diff": merged.max_logit_diff, "tolerance": merged.tolerance}
+        done("merge", merged.summary())
+    else:
+        done("merge", f"skipped: a {recipe.train.method} adapter cannot be merged; registered as base + adapter")
 
     if not result.improved and not allow_regression:
         log(f"[6/6] register: refused: the tuned model does not beat the base on {recipe.eval.primary} "
             f"({result.tuned[recipe.eval.primary]:.3f} vs {result.base[recipe.eval.primary]:.3f}); "
             f"nothing registered (--allow-regression overrides); build files in {build_dir}")
+        (build_dir / "FINISHED").write_text("refused\n")
         return BuildResult(name, None, None, result, build_dir, seconds)
 
     manifest = {
@@ -106,15 +130,20 @@ def build(recipe: str | Recipe, kb: str | Path | None = None, name: str | None =
                   "seconds": round(trained.seconds, 1), "tokens": trained.tokens,
                   "trainable_params": trained.trainable_params, "all_params": trained.all_params},
         "metrics": {"primary": result.primary, "base": result.base, "tuned": result.tuned},
-        "merge": {"max_logit_diff": merged.max_logit_diff, "tolerance": merged.tolerance},
+        "merge": merge_info,
         "allow_regression": bool(allow_regression and not result.improved),
         "created": stamp.isoformat(timespec="seconds"),
         "agentpeft_version": __version__,
         "build_dir": str(build_dir),
     }
-    files = {"merged": merged.path, "adapter": trained.adapter_dir,
-             "dataset_card.md": build_dir / "data" / "dataset_card.md",
-             "eval.json": build_dir / "eval" / "eval.json", "report.md": build_dir / "eval" / "report.md"}
     version, path = publish(name, files, manifest)
+    (build_dir / "FINISHED").write_text(f"{name}@{version}\n")
     done("register", f"{name}@{version} -> {path}")
     return BuildResult(name, version, path, result, build_dir, seconds)
+
+
+def _unfinished_build(name: str) -> Path | None:
+    """The name's latest build folder if it stopped before the end, else None."""
+    folder = home() / "builds" / name
+    runs = sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+    return runs[-1] if runs and not (runs[-1] / "FINISHED").exists() else None

@@ -14,6 +14,7 @@ from langchain_core.documents import Document
 
 from ..errors import AgentpeftError
 from ..plugins import collect
+from ..progress import bar
 
 
 @dataclass
@@ -137,7 +138,7 @@ def build_dataset(documents: list[Document], generators: list[str], tokenizer, s
 
     def render(rows: list[dict]) -> list[dict]:
         out = []
-        for row in rows:
+        for row in bar(iterable=rows, desc="render", unit="pair"):
             prompt = [{"role": "system", "content": system_prompt}, {"role": "user", "content": row["question"]}]
             completion = [{"role": "assistant", "content": row["answer"]}]
             text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)

@@ -9,6 +9,7 @@ from typing import Callable
 
 from ..errors import AgentpeftError
 from ..plugins import collect
+from ..progress import bar
 
 
 @dataclass(frozen=True)
@@ -83,20 +84,18 @@ class EvalResult:
 
 
 def evaluate(base_dir: Path, adapter_dir: Path, eval_rows: list[dict], metric_names: list[str],
-             primary: str, out_dir: Path, max_new_tokens: int = 64, batch_size: int = 16,
-             progress=None) -> EvalResult:
+             primary: str, out_dir: Path, max_new_tokens: int = 64, batch_size: int = 16) -> EvalResult:
     """Ask the base model and the tuned model (dequantized base + adapter) the same questions, greedily."""
-    from peft import PeftModel
-
-    from ..models import load_model, load_tokenizer
+    from ..models import load_model, load_tokenizer, load_tuned
 
     tokenizer = load_tokenizer(base_dir)
     prompts = [row["prompt"] for row in eval_rows]
     answers = {}
-    answers["base"] = generate(load_model(base_dir), tokenizer, prompts, max_new_tokens, batch_size, progress)
-    # Merged in memory for generation speed; the merge stage checks that merging changes nothing.
-    tuned = PeftModel.from_pretrained(load_model(base_dir, dequantized=True), str(adapter_dir)).merge_and_unload()
-    answers["tuned"] = generate(tuned, tokenizer, prompts, max_new_tokens, batch_size, progress)
+    with bar(total=2 * len(prompts), desc="evaluate", unit="answer") as progress:
+        answers["base"] = generate(load_model(base_dir), tokenizer, prompts, max_new_tokens, batch_size, progress.update)
+        # Merged in memory for generation speed; the merge stage checks that merging changes nothing.
+        tuned = load_tuned(base_dir, adapter_dir, merge=True)
+        answers["tuned"] = generate(tuned, tokenizer, prompts, max_new_tokens, batch_size, progress.update)
     figures = {who: score(answers[who], eval_rows, metric_names) for who in ("base", "tuned")}
     out_dir.mkdir(parents=True, exist_ok=True)
     result = EvalResult(figures["base"], figures["tuned"], primary, out_dir)

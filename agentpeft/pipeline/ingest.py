@@ -10,6 +10,7 @@ from langchain_core.documents import Document
 
 from ..errors import AgentpeftError
 from ..plugins import collect
+from ..progress import bar
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ def ingest(kb: Path | str, loaders: list[str] | None = None) -> list[Document]:
             "add documents or point --kb elsewhere"
         )
     documents: list[Document] = []
-    for path in readable:
+    for path in bar(iterable=readable, desc="ingest", unit="file"):
         documents.extend(by_suffix[path.suffix.lower()].load(path))
     if not documents:
         raise AgentpeftError(f"knowledge base {kb} is empty: its files hold no text; add documents and retry")

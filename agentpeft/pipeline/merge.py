@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import AgentpeftError
+from ..progress import bar
 
 CHECK_PROMPTS = (
     "What is your return policy?",
@@ -30,14 +31,17 @@ class MergeResult:
 
 def merge(base_dir: Path, adapter_dir: Path, out_dir: Path, system_prompt: str = "",
           tolerance: float = TOLERANCE) -> MergeResult:
-    """Merge into the NF4-dequantized fp32 base (never into 4-bit weights) and compare logits."""
+    """Merge into the fp32 base (NF4-dequantized for QLoRA, never the 4-bit weights) and compare logits."""
     import torch
-    from peft import PeftModel
 
-    from ..models import load_model, load_tokenizer
+    from ..models import adapter_meta, load_tokenizer, load_tuned
 
+    if not adapter_meta(adapter_dir)["mergeable"]:
+        raise AgentpeftError(f"a {adapter_meta(adapter_dir)['method']} adapter cannot be merged; use it as base + adapter")
+    steps = bar(total=3, desc="merge", unit="step")
     tokenizer = load_tokenizer(base_dir)
-    model = PeftModel.from_pretrained(load_model(base_dir, dequantized=True), str(adapter_dir)).eval()
+    model = load_tuned(base_dir, adapter_dir)
+    steps.update()
     texts = [tokenizer.apply_chat_template(
         [{"role": "system", "content": system_prompt}, {"role": "user", "content": p}],
         tokenize=False, add_generation_prompt=True) for p in CHECK_PROMPTS]
@@ -48,6 +52,7 @@ def merge(base_dir: Path, adapter_dir: Path, out_dir: Path, system_prompt: str =
         after = merged(**batch).logits.float()
     mask = batch["attention_mask"].bool()
     diff = (before - after).abs()[mask].max().item()
+    steps.update()
     if not diff <= tolerance:
         raise AgentpeftError(
             f"merge check failed: merged logits differ from the adapter's by {diff:.2e} > {tolerance:.0e}; "
@@ -57,4 +62,6 @@ def merge(base_dir: Path, adapter_dir: Path, out_dir: Path, system_prompt: str =
     merged.save_pretrained(str(out_dir), safe_serialization=True)
     tokenizer.padding_side = "left"
     tokenizer.save_pretrained(str(out_dir))
+    steps.update()
+    steps.close()
     return MergeResult(out_dir, diff, tolerance)

@@ -8,7 +8,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import progress
+from ..errors import AgentpeftError
+from ..models import ADAPTER_META, load_model, load_tokenizer
 from ..recipe import TrainConfig
+
+#: Methods whose adapter can be folded into the base weights.
+MERGEABLE = ("qlora", "lora", "dora")
 
 
 @dataclass
@@ -29,20 +35,26 @@ class TrainResult:
                 f"{self.trainable_params:,} trainable params")
 
 
-def trainable_parameters(model) -> tuple[int, int]:
-    """(trainable, all) parameter counts, counted as peft's print_trainable_parameters does."""
-    return model.get_nb_trainable_parameters()
+def peft_config(cfg: TrainConfig, system_prompt: str = ""):
+    """The peft config of a method: LoRA (also for QLoRA), DoRA, prefix tuning or prompt tuning."""
+    from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, PromptTuningInit
+
+    if cfg.method in MERGEABLE:
+        return LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
+                          use_dora=cfg.method == "dora", task_type="CAUSAL_LM")
+    if cfg.method == "prefix":
+        return PrefixTuningConfig(num_virtual_tokens=cfg.virtual_tokens, task_type="CAUSAL_LM")
+    return PromptTuningConfig(num_virtual_tokens=cfg.virtual_tokens, task_type="CAUSAL_LM",
+                              prompt_tuning_init=PromptTuningInit.RANDOM)
 
 
 def train(base_dir: Path, dataset_dir: Path, out_dir: Path, cfg: TrainConfig, resume: bool = False,
-          show_progress: bool = True, log=print) -> TrainResult:
+          log=print) -> TrainResult:
     """Train an adapter on the dataset's train split; save it to ``out_dir/adapter``."""
     import torch
     from datasets import load_from_disk
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model, prepare_model_for_kbit_training
     from trl import SFTConfig, SFTTrainer
-
-    from ..models import load_model, load_tokenizer
 
     torch.manual_seed(cfg.seed)
     train_set = load_from_disk(str(dataset_dir))["train"]
@@ -52,10 +64,11 @@ def train(base_dir: Path, dataset_dir: Path, out_dir: Path, cfg: TrainConfig, re
     model = load_model(base_dir, quantized=quantized)
     if quantized:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
-    model = get_peft_model(model, LoraConfig(
-        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
-        task_type="CAUSAL_LM"))
-    trainable, total = trainable_parameters(model)
+    elif cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    model = get_peft_model(model, peft_config(cfg))
+    trainable, total = model.get_nb_trainable_parameters()
     log(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
 
     steps_per_epoch = math.ceil(len(train_set) / (cfg.batch_size * cfg.grad_accum))
@@ -74,34 +87,58 @@ def train(base_dir: Path, dataset_dir: Path, out_dir: Path, cfg: TrainConfig, re
         weight_decay=0.0,
         logging_steps=1,
         save_strategy="steps",
-        save_steps=max(10, planned // 4),
+        save_steps=cfg.save_steps or max(10, planned // 4),
         save_total_limit=2,
-        report_to="none",
+        report_to=cfg.report_to,
         seed=cfg.seed,
         data_seed=cfg.seed,
         bf16=cuda and torch.cuda.is_bf16_supported(),
         use_cpu=not cuda,
         completion_only_loss=True,
         max_length=cfg.max_seq_len,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        disable_tqdm=not show_progress,
+        gradient_checkpointing=False,  # set on the model above, before peft wraps it
+        disable_tqdm=not progress.enabled(),
         dataloader_num_workers=0,
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_set.select_columns(["prompt", "completion"]),
                          processing_class=tokenizer)
-    checkpoint = resume and _last_checkpoint(out_dir / "checkpoints")
+    checkpoint = _last_checkpoint(out_dir / "checkpoints") if resume else None
+    if checkpoint:
+        log(f"resuming from {checkpoint}")
     start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=checkpoint or None)
+    trainer.train(resume_from_checkpoint=checkpoint)
     seconds = time.perf_counter() - start
     adapter_dir = out_dir / "adapter"
     model.save_pretrained(str(adapter_dir))
+    (adapter_dir / ADAPTER_META).write_text(json.dumps(
+        {"method": cfg.method, "quantized_base": quantized, "mergeable": cfg.method in MERGEABLE}, indent=2))
     history = trainer.state.log_history
     with open(out_dir / "train_log.jsonl", "w") as fh:
         for row in history:
             fh.write(json.dumps(row) + "\n")
     losses = [row["loss"] for row in history if "loss" in row]
-    return TrainResult(adapter_dir, trainer.state.global_step, losses[-1] if losses else float("nan"),
-                       seconds, trainable, total, int(max((r.get("num_tokens", 0) for r in history), default=0)))
+    if not losses or not all(math.isfinite(x) for x in losses):
+        raise AgentpeftError(f"training diverged (loss {losses[-1:] or 'never logged'}); lower --lr and retry")
+    plot_loss(history, out_dir / "loss_curve.png")
+    return TrainResult(adapter_dir, trainer.state.global_step, losses[-1], seconds, trainable, total,
+                       int(max((r.get("num_tokens", 0) for r in history), default=0)))
+
+
+def plot_loss(history: list[dict], path: Path) -> None:
+    """A PNG of training loss per step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [(r["step"], r["loss"]) for r in history if "loss" in r]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot([p[0] for p in points], [p[1] for p in points], lw=1.5)
+    ax.set(xlabel="step", ylabel="training loss (answer tokens)", title="Loss curve")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def _last_checkpoint(folder: Path) -> str | None:
