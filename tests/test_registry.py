@@ -43,3 +43,22 @@ def test_failed_publish_leaves_nothing(home, tmp_path):
 def test_unknown_model(home):
     with pytest.raises(AgentpeftError, match="no model named 'ghost'"):
         registry.resolve("ghost")
+
+
+def test_rm_and_export(home, tmp_path):
+    from click.testing import CliRunner
+
+    from agentpeft.cli import cli
+
+    _publish(tmp_path)
+    _publish(tmp_path)
+    runner = CliRunner()
+    exported = runner.invoke(cli, ["export", "bot@1", str(tmp_path / "out")])
+    assert exported.exit_code == 0 and (tmp_path / "out" / "manifest.json").is_file()
+    again = runner.invoke(cli, ["export", "bot@1", str(tmp_path / "out")])
+    assert again.exit_code == 1 and "not empty" in again.output
+    assert runner.invoke(cli, ["rm", "bot@1", "--yes"]).exit_code == 0
+    assert registry.versions("bot") == [2]
+    assert runner.invoke(cli, ["rm", "bot", "--yes"]).exit_code == 0
+    assert registry.versions("bot") == []
+    assert not [p for p in (registry.registry_dir() / "bot").iterdir() if p.name != ".lock"]

@@ -97,11 +97,15 @@ def train(base_dir: Path, dataset_dir: Path, out_dir: Path, cfg: TrainConfig, re
         completion_only_loss=True,
         max_length=cfg.max_seq_len,
         gradient_checkpointing=False,  # set on the model above, before peft wraps it
-        disable_tqdm=not progress.enabled(),
+        disable_tqdm=True,  # replaced by _ProgressBar: one bar with the loss, no dict per step
         dataloader_num_workers=0,
     )
+    from transformers import PrinterCallback
+
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_set.select_columns(["prompt", "completion"]),
                          processing_class=tokenizer)
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(_progress_callback())
     checkpoint = _last_checkpoint(out_dir / "checkpoints") if resume else None
     if checkpoint:
         log(f"resuming from {checkpoint}")
@@ -145,3 +149,25 @@ def _last_checkpoint(folder: Path) -> str | None:
     from transformers.trainer_utils import get_last_checkpoint
 
     return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+
+
+def _progress_callback():
+    """A trainer callback that shows one progress bar with the running loss."""
+    from transformers import TrainerCallback
+
+    class ProgressBar(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.bar = progress.bar(total=state.max_steps, desc="train", unit="step")
+            self.bar.update(state.global_step)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.bar.update(state.global_step - self.bar.n)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.bar.set_postfix(loss=f"{float(logs['loss']):.3f}")
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.bar.close()
+
+    return ProgressBar()

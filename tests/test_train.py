@@ -1,0 +1,67 @@
+"""Each PEFT method trains on the tiny model, loads back, and (where it can) merges exactly."""
+
+import json
+
+import pytest
+
+from agentpeft.errors import AgentpeftError
+from agentpeft.models import adapter_meta, load_tokenizer, load_tuned
+from agentpeft.pipeline.build import configure
+from agentpeft.pipeline.dataset import build_dataset
+from agentpeft.pipeline.evaluate import generate
+from agentpeft.pipeline.ingest import ingest
+from agentpeft.pipeline.merge import merge
+from agentpeft.pipeline.train import train
+
+
+@pytest.fixture(scope="module")
+def dataset(tiny_base, tmp_path_factory):
+    recipe = configure("support-bot")
+    out = tmp_path_factory.mktemp("data")
+    return build_dataset(ingest(recipe.kb_path), ["faq", "facts"], load_tokenizer(tiny_base), recipe.system_prompt,
+                         out, train_phrasings=1).path
+
+
+def _cfg(**over):
+    return configure("support-bot", **{"max_steps": 2, "batch_size": 4, "virtual_tokens": 4, **over}).train
+
+
+@pytest.mark.parametrize("method", ["qlora", "lora", "dora", "prefix", "prompt"])
+def test_method_trains_loads_and_generates(method, tiny_base, dataset, tmp_path):
+    logs = []
+    result = train(tiny_base, dataset, tmp_path, _cfg(method=method), log=logs.append)
+    assert result.steps == 2 and result.trainable_params > 0
+    assert logs[0].startswith("trainable params: ") and "trainable%" in logs[0]
+    meta = adapter_meta(result.adapter_dir)
+    assert meta == {"method": method, "quantized_base": method == "qlora",
+                    "mergeable": method in ("qlora", "lora", "dora")}
+    assert (tmp_path / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+    model = load_tuned(tiny_base, result.adapter_dir)
+    reply = generate(model, load_tokenizer(tiny_base), [[{"role": "user", "content": "Hi"}]], max_new_tokens=3)
+    assert isinstance(reply[0], str)
+    if meta["mergeable"]:
+        merged = merge(tiny_base, result.adapter_dir, tmp_path / "merged")
+        assert merged.max_logit_diff <= 1e-3
+        assert "quantization_config" not in json.loads((tmp_path / "merged" / "config.json").read_text())
+    else:
+        with pytest.raises(AgentpeftError, match="cannot be merged"):
+            merge(tiny_base, result.adapter_dir, tmp_path / "merged")
+
+
+def test_resume_continues_from_the_last_checkpoint(tiny_base, dataset, tmp_path):
+    train(tiny_base, dataset, tmp_path, _cfg(max_steps=2, save_steps=1, method="lora"))
+    assert (tmp_path / "checkpoints" / "checkpoint-2").is_dir()
+    logs = []
+    result = train(tiny_base, dataset, tmp_path, _cfg(max_steps=4, save_steps=1, method="lora"), resume=True,
+                   log=logs.append)
+    assert any(line.startswith("resuming from") and line.endswith("checkpoint-2") for line in logs)
+    assert result.steps == 4
+    steps = [json.loads(line).get("step") for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert steps[:4] == [1, 2, 3, 4]  # the resumed state carries the first two steps' log
+
+
+def test_bad_override_names_the_option():
+    with pytest.raises(AgentpeftError, match="--lr: Input should be greater than 0"):
+        configure("support-bot", lr=-1.0)
+    with pytest.raises(AgentpeftError, match="--method"):
+        configure("support-bot", method="magic")
