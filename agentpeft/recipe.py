@@ -126,3 +126,21 @@ def get_recipe(name: str) -> Recipe:
             f"unknown recipe {name!r} (known: {known}); run `agentpeft recipes` to list them"
         )
     return recipes[name]
+
+
+def configure(recipe: str | Recipe, kb: str | Path | None = None, base: str | None = None,
+              **train_overrides) -> Recipe:
+    """The recipe with command-line overrides applied (``train_overrides`` are TrainConfig fields)."""
+    recipe = recipe if isinstance(recipe, Recipe) else get_recipe(recipe)
+    over = {k: v for k, v in train_overrides.items() if v is not None}
+    try:
+        train_cfg = TrainConfig(**{**recipe.train.model_dump(), **over})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise AgentpeftError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
+    update: dict = {"train": train_cfg}
+    if kb is not None:
+        update["knowledge_base"] = Path(kb).resolve()
+    if base is not None:
+        update["base_model"] = base
+    return recipe.model_copy(update=update)

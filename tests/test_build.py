@@ -77,3 +77,23 @@ def test_gate_refuses_registration_without_improvement(tiny_base, home):
     assert result.eval.tuned["accuracy"] == result.eval.base["accuracy"] == 0.0
     assert result.version is None
     assert not (registry_dir() / "gated").exists() or not any((registry_dir() / "gated").glob("[0-9]*"))
+
+
+def test_interrupted_build_resumes_from_its_checkpoint(tiny_base, home, monkeypatch):
+    import agentpeft.pipeline.build as build_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(build_module, "evaluate", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            build("support-bot", base=str(tiny_base), max_steps=2, save_steps=1, method="lora",
+                  show_progress=False, log=lambda s: None)
+    assert not (registry_dir() / "support-bot").exists() or not any((registry_dir() / "support-bot").glob("[0-9]*"))
+    logs = []
+    result = build("support-bot", base=str(tiny_base), max_steps=3, save_steps=1, method="lora", resume=True,
+                   allow_regression=True, show_progress=False, log=logs.append)
+    assert any(line.startswith("resuming from") and line.endswith("checkpoint-2") for line in logs), logs
+    assert result.version == 1 and (result.build_dir / "FINISHED").is_file()
+    assert len(list(result.build_dir.parent.iterdir())) == 1  # the same build folder was continued

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from agentpeft.errors import AgentpeftError
-from agentpeft.pipeline.build import configure
+from agentpeft.recipe import configure
 from agentpeft.recipe import Recipe, get_recipe, get_recipes
 
 

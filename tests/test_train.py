@@ -6,7 +6,7 @@ import pytest
 
 from agentpeft.errors import AgentpeftError
 from agentpeft.models import adapter_meta, load_tokenizer, load_tuned
-from agentpeft.pipeline.build import configure
+from agentpeft.recipe import configure
 from agentpeft.pipeline.dataset import build_dataset
 from agentpeft.pipeline.evaluate import generate
 from agentpeft.pipeline.ingest import ingest

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -11,7 +12,7 @@ from typing import Callable
 from .. import __version__
 from ..errors import AgentpeftError
 from ..models import base_info, home, load_tokenizer, resolve_base
-from ..recipe import Recipe, get_recipe
+from ..recipe import Recipe, configure
 from ..progress import set_enabled
 from ..registry import check_name, publish
 from .dataset import build_dataset
@@ -33,28 +34,6 @@ class BuildResult:
     eval: EvalResult
     build_dir: Path
     seconds: dict[str, float]
-
-
-def configure(recipe: str | Recipe, kb: str | Path | None = None, base: str | None = None,
-              **train_overrides) -> Recipe:
-    """The recipe with command-line overrides applied (``train_overrides`` are TrainConfig fields)."""
-    from pydantic import ValidationError
-
-    from ..recipe import TrainConfig
-
-    recipe = recipe if isinstance(recipe, Recipe) else get_recipe(recipe)
-    over = {k: v for k, v in train_overrides.items() if v is not None}
-    try:
-        train_cfg = TrainConfig(**{**recipe.train.model_dump(), **over})
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise AgentpeftError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
-    update: dict = {"train": train_cfg}
-    if kb is not None:
-        update["knowledge_base"] = Path(kb).resolve()
-    if base is not None:
-        update["base_model"] = base
-    return recipe.model_copy(update=update)
 
 
 def build(recipe: str | Recipe, kb: str | Path | None = None, name: str | None = None,
@@ -86,8 +65,12 @@ def build(recipe: str | Recipe, kb: str | Path | None = None, name: str | None =
     base_dir = resolve_base(recipe.base_model, log=log)
     done("ingest", f"{len(documents)} document sections from {recipe.kb_path}")
 
+    previous = _dataset_hash(build_dir)
     data = build_dataset(documents, recipe.data.generators, load_tokenizer(base_dir), recipe.system_prompt,
                          build_dir / "data", recipe.data.train_phrasings, recipe.train.max_seq_len, recipe.data.seed)
+    if resume and previous and previous != data.card["hash"]:
+        raise AgentpeftError(f"the knowledge base changed since the interrupted build in {build_dir}; "
+                             "build again without --resume")
     done("dataset", data.summary())
 
     trained = train(base_dir, data.path, build_dir, recipe.train, resume=resume, log=log)
@@ -147,3 +130,8 @@ def _unfinished_build(name: str) -> Path | None:
     folder = home() / "builds" / name
     runs = sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
     return runs[-1] if runs and not (runs[-1] / "FINISHED").exists() else None
+
+
+def _dataset_hash(build_dir: Path) -> str | None:
+    card = build_dir / "data" / "dataset_card.json"
+    return json.loads(card.read_text())["hash"] if card.is_file() else None
