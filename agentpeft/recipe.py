@@ -55,6 +55,7 @@ class EvalConfig(_Strict):
     primary: str = "accuracy"
     max_new_tokens: int = Field(64, ge=1)
     batch_size: int = Field(16, ge=1)
+    forgetting_probe: bool = True
 
     @field_validator("primary")
     @classmethod

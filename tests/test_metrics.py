@@ -1,18 +1,55 @@
-from agentpeft.pipeline.evaluate import score
+import pytest
+
+from agentpeft.default_plugins.metrics import (
+    answer_accuracy, bleu, chrf, exact_match, normalize, rouge_l, token_f1)
+from agentpeft.errors import AgentpeftError
+from agentpeft.pipeline.evaluate import get_metrics, read_qa_jsonl, score_model
 
 
 def test_accuracy_looks_for_the_normalized_key():
     refs = [{"answer": "It is 45 days.", "key": "45 days"}, {"answer": "HD-220", "key": "HD-220"},
             {"answer": "The Ember Circle.", "key": "Ember Circle"}]
     preds = ["You have 45 Days to return it!", "The code is HD 220.", "It's the loyalty club."]
-    assert score(preds, refs, ["accuracy"])["accuracy"] == round(2 / 3, 4)
+    assert answer_accuracy(preds, refs) == pytest.approx(2 / 3)
 
 
-def test_accuracy_needs_whole_words():
-    assert score(["It costs 1450 dollars"], [{"answer": "", "key": "450"}], ["accuracy"])["accuracy"] == 0.0
+def test_accuracy_needs_whole_words_and_falls_back_to_the_answer():
+    assert answer_accuracy(["It costs 1450 dollars"], [{"answer": "", "key": "450"}]) == 0.0
+    assert answer_accuracy(["Paris, of course."], [{"answer": "Paris"}]) == 1.0
 
 
-def test_rouge_l_is_one_for_identical_and_lower_otherwise():
-    refs = [{"answer": "Refunds take nine business days.", "key": "nine"}]
-    assert score(["Refunds take nine business days."], refs, ["rouge_l"])["rouge_l"] == 1.0
-    assert 0 < score(["Refunds take a while."], refs, ["rouge_l"])["rouge_l"] < 1
+def test_squad_style_exact_match_and_f1():
+    assert normalize("The  Cat, sat!") == "cat sat"
+    assert exact_match(["the cat sat."], [{"answer": "Cat sat"}]) == 1.0
+    assert token_f1(["cat sat on mat"], [{"answer": "the cat sat"}]) == pytest.approx(2 * 2 / (4 + 2))
+    assert token_f1(["dog"], [{"answer": "cat"}]) == 0.0
+
+
+def test_rouge_bleu_chrf_are_one_for_identical_and_lower_otherwise():
+    refs = [{"answer": "Refunds take nine business days to arrive."}]
+    for metric in (rouge_l, bleu, chrf):
+        assert metric(["Refunds take nine business days to arrive."], refs) == pytest.approx(1.0)
+        assert 0 <= metric(["Refunds take a while."], refs) < 1
+
+
+def test_registered_metrics_and_directions():
+    metrics = get_metrics()
+    assert {"accuracy", "exact_match", "token_f1", "rouge_l", "bleu", "chrf", "perplexity"} <= set(metrics)
+    assert metrics["perplexity"].higher_is_better is False and metrics["accuracy"].higher_is_better
+
+
+def test_unknown_metric_is_named():
+    with pytest.raises(AgentpeftError, match="unknown metric"):
+        score_model(None, None, [], ["nope"])
+
+
+def test_qa_jsonl_errors_name_file_and_line(tmp_path):
+    path = tmp_path / "qa.jsonl"
+    path.write_text('{"question": "q", "answer": "a"}\n{"question": "q2"\n')
+    with pytest.raises(AgentpeftError, match=r"qa.jsonl:2: not valid JSON"):
+        read_qa_jsonl(path)
+    path.write_text('{"question": "q"}\n')
+    with pytest.raises(AgentpeftError, match=r"qa.jsonl:1: each line needs"):
+        read_qa_jsonl(path)
+    path.write_text('{"question": "q", "answer": "a", "key": "k"}\n\n')
+    assert read_qa_jsonl(path) == [{"question": "q", "answer": "a", "key": "k"}]

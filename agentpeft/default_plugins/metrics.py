@@ -1,12 +1,13 @@
-"""Built-in metrics: answer accuracy (the key fact appears in the reply) and ROUGE-L."""
+"""Built-in metrics: answer accuracy, exact match, token F1, ROUGE-L, BLEU, chrF and perplexity."""
 
 from __future__ import annotations
 
 import re
 import string
+from collections import Counter
 
 from ..hookspecs import hookimpl
-from ..pipeline.evaluate import Metric
+from ..pipeline.evaluate import Metric, reference_perplexity
 
 
 def normalize(text: str) -> str:
@@ -17,24 +18,62 @@ def normalize(text: str) -> str:
     return " ".join(text.split())
 
 
-def answer_accuracy(predictions: list[str], references: list[dict]) -> list[float]:
-    """1.0 where the normalized key fact occurs in the normalized reply."""
-    scores = []
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def answer_accuracy(predictions: list[str], references: list[dict]) -> float:
+    """Share of replies that contain the normalized key fact (the normalized answer without a key)."""
+    hits = []
     for pred, ref in zip(predictions, references):
         key = normalize(ref.get("key") or ref["answer"])
-        scores.append(1.0 if key and f" {key} " in f" {normalize(pred)} " else 0.0)
-    return scores
+        hits.append(1.0 if key and f" {key} " in f" {normalize(pred)} " else 0.0)
+    return _mean(hits)
 
 
-def rouge_l(predictions: list[str], references: list[dict]) -> list[float]:
-    """ROUGE-L F-measure against the reference answer (the ``rouge-score`` package)."""
+def exact_match(predictions: list[str], references: list[dict]) -> float:
+    """Share of replies equal to the reference answer after normalization."""
+    return _mean([float(normalize(p) == normalize(r["answer"])) for p, r in zip(predictions, references)])
+
+
+def token_f1(predictions: list[str], references: list[dict]) -> float:
+    """Mean SQuAD token F1 between reply and reference answer."""
+    scores = []
+    for pred, ref in zip(predictions, references):
+        p, r = normalize(pred).split(), normalize(ref["answer"]).split()
+        common = sum((Counter(p) & Counter(r)).values())
+        scores.append(0.0 if not common else 2 * common / (len(p) + len(r)))
+    return _mean(scores)
+
+
+def rouge_l(predictions: list[str], references: list[dict]) -> float:
+    """Mean ROUGE-L F-measure against the reference answer (the ``rouge-score`` package)."""
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    return [scorer.score(ref["answer"], pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)]
+    return _mean([scorer.score(r["answer"], p)["rougeL"].fmeasure for p, r in zip(predictions, references)])
+
+
+def bleu(predictions: list[str], references: list[dict]) -> float:
+    """Corpus BLEU (sacrebleu), scaled to [0, 1]."""
+    import sacrebleu
+
+    return sacrebleu.corpus_bleu(predictions, [[r["answer"] for r in references]]).score / 100
+
+
+def chrf(predictions: list[str], references: list[dict]) -> float:
+    """Corpus chrF (sacrebleu), scaled to [0, 1]."""
+    import sacrebleu
+
+    return sacrebleu.corpus_chrf(predictions, [[r["answer"] for r in references]]).score / 100
 
 
 @hookimpl
 def register_metrics(register):
     register(Metric("accuracy", answer_accuracy))
+    register(Metric("exact_match", exact_match))
+    register(Metric("token_f1", token_f1))
     register(Metric("rouge_l", rouge_l))
+    register(Metric("bleu", bleu))
+    register(Metric("chrf", chrf))
+    register(Metric("perplexity", model_score=reference_perplexity, higher_is_better=False))

@@ -80,12 +80,13 @@ def build(recipe: str | Recipe, kb: str | Path | None = None, name: str | None =
 
     eval_rows = list(load_from_disk(str(data.path))["eval"])
     result = evaluate(base_dir, trained.adapter_dir, eval_rows, recipe.eval.metrics, recipe.eval.primary,
-                      build_dir / "eval", recipe.eval.max_new_tokens, recipe.eval.batch_size)
+                      build_dir / "eval", recipe.system_prompt, recipe.eval.max_new_tokens, recipe.eval.batch_size,
+                      probe=recipe.eval.forgetting_probe)
     done("evaluate", result.summary())
 
     files = {"adapter": trained.adapter_dir, "dataset_card.md": build_dir / "data" / "dataset_card.md",
              "eval.json": build_dir / "eval" / "eval.json", "report.md": build_dir / "eval" / "report.md",
-             "loss_curve.png": build_dir / "loss_curve.png"}
+             "loss_curve.png": build_dir / "loss_curve.png", "metrics.png": build_dir / "eval" / "metrics.png"}
     merge_info = None
     if recipe.train.method in MERGEABLE:
         merged = merge(base_dir, trained.adapter_dir, build_dir / "merged", recipe.system_prompt)
@@ -112,7 +113,8 @@ def build(recipe: str | Recipe, kb: str | Path | None = None, name: str | None =
         "train": {"config": recipe.train.model_dump(), "steps": trained.steps, "final_loss": trained.final_loss,
                   "seconds": round(trained.seconds, 1), "tokens": trained.tokens,
                   "trainable_params": trained.trainable_params, "all_params": trained.all_params},
-        "metrics": {"primary": result.primary, "base": result.base, "tuned": result.tuned},
+        "metrics": {"primary": result.primary, "base": result.base, "tuned": result.tuned,
+                    "forgetting": result.forgetting},
         "merge": merge_info,
         "allow_regression": bool(allow_regression and not result.improved),
         "created": stamp.isoformat(timespec="seconds"),

@@ -1,9 +1,16 @@
-"""Stage 4, evaluate: the base and the tuned model answer the held-out questions; metrics side by side."""
+"""Stage 4, evaluate: the base and the tuned model answer the held-out questions; metrics side by side.
+
+Both models are also asked a general-knowledge forgetting probe that ships with agentpeft, and
+their perplexity on a short general text is measured, so that specialization that costs general
+ability shows up in the report.
+"""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Callable
 
@@ -14,10 +21,12 @@ from ..progress import bar
 
 @dataclass(frozen=True)
 class Metric:
-    """A per-example score in [0, 1]; the reported figure is the mean."""
+    """A figure computed from the replies (``score``) or from the model itself (``model_score``)."""
 
     name: str
-    score: Callable[[list[str], list[dict]], list[float]]
+    score: Callable[[list[str], list[dict]], float] | None = None
+    model_score: Callable[..., float] | None = None
+    higher_is_better: bool = True
 
 
 def get_metrics() -> dict[str, Metric]:
@@ -25,15 +34,59 @@ def get_metrics() -> dict[str, Metric]:
     return {m.name: m for m in collect("register_metrics")}
 
 
+def _metrics(names: list[str]) -> list[Metric]:
+    metrics = get_metrics()
+    unknown = [m for m in names if m not in metrics]
+    if unknown:
+        raise AgentpeftError(f"unknown metric(s) {unknown}; registered metrics: {', '.join(sorted(metrics))}")
+    return [metrics[n] for n in names]
+
+
+def chat_rows(pairs: list[dict], system_prompt: str | None) -> list[dict]:
+    """Question/answer dicts with the chat prompt the model is asked."""
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return [{**p, "prompt": [*system, {"role": "user", "content": p["question"]}]} for p in pairs]
+
+
+def read_qa_jsonl(path: Path | str) -> list[dict]:
+    """Rows of ``question``, ``answer`` and optional ``key`` from a JSONL file, checked line by line."""
+    rows = []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AgentpeftError(f"cannot read {path}: {exc}") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise AgentpeftError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("question"), str) or not isinstance(row.get("answer"), str):
+            raise AgentpeftError(f"{path}:{number}: each line needs string fields 'question' and 'answer'")
+        rows.append({"question": row["question"], "answer": row["answer"], "key": row.get("key") or row["answer"]})
+    if not rows:
+        raise AgentpeftError(f"{path} holds no question/answer line")
+    return rows
+
+
+def forgetting_probe() -> list[dict]:
+    """The general-knowledge questions shipped with agentpeft."""
+    return read_qa_jsonl(resources.files("agentpeft") / "data" / "forgetting_probe.jsonl")
+
+
+def general_text() -> str:
+    return (resources.files("agentpeft") / "data" / "general_text.txt").read_text(encoding="utf-8")
+
+
 def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 64,
              batch_size: int = 16, progress=None) -> list[str]:
-    """Greedy replies to chat prompts, generated in left-padded batches."""
+    """Greedy replies to chat prompts, generated in left-padded batches of similar length."""
     import torch
 
     tokenizer.padding_side = "left"
-    replies: list[str] = []
-    order = sorted(range(len(prompts)), key=lambda i: len(str(prompts[i])))  # similar lengths pad less
     texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     out: dict[int, str] = {}
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
@@ -46,65 +99,167 @@ def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 
             out[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
         if progress:
             progress(len(idx))
-    replies = [out[i] for i in range(len(prompts))]
-    return replies
+    return [out[i] for i in range(len(texts))]
 
 
-def score(predictions: list[str], references: list[dict], metric_names: list[str]) -> dict[str, float]:
-    """Mean of each named metric over the examples."""
-    metrics = get_metrics()
-    unknown = [m for m in metric_names if m not in metrics]
-    if unknown:
-        raise AgentpeftError(f"unknown metric(s) {unknown}; registered metrics: {sorted(metrics)}")
-    return {name: round(sum(s := metrics[name].score(predictions, references)) / max(len(s), 1), 4)
-            for name in metric_names}
+def reference_perplexity(model, tokenizer, rows: list[dict], batch_size: int = 16) -> float:
+    """exp(mean negative log-likelihood) of the reference answers given their prompts.
+
+    A row without ``prompt`` is scored as plain text.
+    """
+    import torch
+
+    nll, count = 0.0, 0
+    tokenizer.padding_side = "right"
+    for start in range(0, len(rows), batch_size):
+        batch_ids, batch_labels = [], []
+        for row in rows[start:start + batch_size]:
+            if row.get("prompt"):
+                prefix = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+                full = tokenizer.apply_chat_template(
+                    row["prompt"] + [{"role": "assistant", "content": row["answer"]}], tokenize=False)
+            else:
+                prefix, full = "", row["answer"]
+            p_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else []
+            ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+            batch_ids.append(ids)
+            batch_labels.append([-100] * len(p_ids) + ids[len(p_ids):])
+        width = max(len(x) for x in batch_ids)
+        pad = tokenizer.pad_token_id
+        ids = torch.tensor([x + [pad] * (width - len(x)) for x in batch_ids], device=model.device)
+        labels = torch.tensor([x + [-100] * (width - len(x)) for x in batch_labels], device=model.device)
+        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in batch_ids], device=model.device)
+        with torch.inference_mode():
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        target = labels[:, 1:]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                                 ignore_index=-100, reduction="sum")
+        nll += loss.item()
+        count += int((target != -100).sum())
+    tokenizer.padding_side = "left"
+    return round(math.exp(nll / max(count, 1)), 4)
+
+
+def score_model(model, tokenizer, rows: list[dict], metric_names: list[str], max_new_tokens: int = 64,
+                batch_size: int = 16, progress=None) -> tuple[dict[str, float], list[str]]:
+    """Generate replies to ``rows`` and compute each named metric; returns (figures, replies)."""
+    metrics = _metrics(metric_names)
+    replies = generate(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens, batch_size, progress)
+    figures = {}
+    for metric in metrics:
+        value = metric.score(replies, rows) if metric.score else metric.model_score(model, tokenizer, rows)
+        figures[metric.name] = round(value, 4)
+    return figures, replies
 
 
 @dataclass
 class EvalResult:
-    """Base and tuned figures, and where the report was written."""
+    """Base and tuned figures, the forgetting probe, and where the report was written."""
 
     base: dict[str, float]
     tuned: dict[str, float]
     primary: str
     path: Path
+    higher_is_better: dict[str, bool] = field(default_factory=dict)
+    forgetting: dict | None = None
 
     @property
     def improved(self) -> bool:
-        return self.tuned[self.primary] > self.base[self.primary]
+        better = self.tuned[self.primary] - self.base[self.primary]
+        return better > 0 if self.higher_is_better.get(self.primary, True) else better < 0
 
     def summary(self) -> str:
-        return "  ".join(f"{m}: base {self.base[m]:.3f} -> tuned {self.tuned[m]:.3f}" for m in self.base)
+        text = "  ".join(f"{m}: {self.base[m]:.3f} -> {self.tuned[m]:.3f}" for m in self.base)
+        if self.forgetting:
+            f = self.forgetting
+            text += f"  forgetting probe: {f['base_accuracy']:.3f} -> {f['tuned_accuracy']:.3f}"
+        return text
 
     def table(self) -> str:
-        rows = [f"| metric | base | tuned | change |", "|---|---|---|---|"]
+        rows = ["| metric | base | tuned | change |", "|---|---|---|---|"]
         rows += [f"| {m} | {self.base[m]:.3f} | {self.tuned[m]:.3f} | {self.tuned[m] - self.base[m]:+.3f} |"
                  for m in self.base]
+        if self.forgetting:
+            f = self.forgetting
+            rows.append(f"| forgetting-probe accuracy ({f['n']} questions) | {f['base_accuracy']:.3f} | "
+                        f"{f['tuned_accuracy']:.3f} | {f['tuned_accuracy'] - f['base_accuracy']:+.3f} |")
+            rows.append(f"| general-text perplexity | {f['base_perplexity']:.2f} | {f['tuned_perplexity']:.2f} | "
+                        f"{f['tuned_perplexity'] - f['base_perplexity']:+.2f} |")
         return "\n".join(rows)
 
 
 def evaluate(base_dir: Path, adapter_dir: Path, eval_rows: list[dict], metric_names: list[str],
-             primary: str, out_dir: Path, max_new_tokens: int = 64, batch_size: int = 16) -> EvalResult:
-    """Ask the base model and the tuned model (dequantized base + adapter) the same questions, greedily."""
+             primary: str, out_dir: Path, system_prompt: str | None = None, max_new_tokens: int = 64,
+             batch_size: int = 16, probe: bool = True) -> EvalResult:
+    """Ask the base model and the tuned model (base + adapter) the same questions, greedily."""
     from ..models import load_model, load_tokenizer, load_tuned
 
     tokenizer = load_tokenizer(base_dir)
-    prompts = [row["prompt"] for row in eval_rows]
-    answers = {}
-    with bar(total=2 * len(prompts), desc="evaluate", unit="answer") as progress:
-        answers["base"] = generate(load_model(base_dir), tokenizer, prompts, max_new_tokens, batch_size, progress.update)
-        # Merged in memory for generation speed; the merge stage checks that merging changes nothing.
-        tuned = load_tuned(base_dir, adapter_dir, merge=True)
-        answers["tuned"] = generate(tuned, tokenizer, prompts, max_new_tokens, batch_size, progress.update)
-    figures = {who: score(answers[who], eval_rows, metric_names) for who in ("base", "tuned")}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    result = EvalResult(figures["base"], figures["tuned"], primary, out_dir)
-    (out_dir / "eval.json").write_text(json.dumps(
-        {"primary": primary, "base": result.base, "tuned": result.tuned, "n": len(eval_rows),
-         "examples": [{"question": r["question"], "reference": r["answer"], "key": r["key"],
-                       "base": b, "tuned": t} for r, b, t in zip(eval_rows, answers["base"], answers["tuned"])]},
-        indent=2))
-    (out_dir / "report.md").write_text(
-        f"# Evaluation\n\n{len(eval_rows)} held-out questions, greedy decoding, "
-        f"max {max_new_tokens} new tokens. Primary metric: {primary}.\n\n{result.table()}\n")
+    probe_rows = chat_rows(forgetting_probe(), system_prompt) if probe else []
+    text_rows = [{"answer": general_text()}]
+    figures, replies, forgetting = {}, {}, {}
+    with bar(total=2 * (len(eval_rows) + len(probe_rows)), desc="evaluate", unit="answer") as progress:
+        for who in ("base", "tuned"):
+            # The tuned adapter is merged in memory for speed; the merge stage checks that this changes nothing.
+            model = load_model(base_dir) if who == "base" else load_tuned(base_dir, adapter_dir, merge=True)
+            figures[who], replies[who] = score_model(model, tokenizer, eval_rows, metric_names, max_new_tokens,
+                                                     batch_size, progress.update)
+            if probe:
+                probe_figures, replies[f"{who}_probe"] = score_model(
+                    model, tokenizer, probe_rows, ["accuracy"], 32, batch_size, progress.update)
+                forgetting[f"{who}_accuracy"] = probe_figures["accuracy"]
+                forgetting[f"{who}_perplexity"] = reference_perplexity(model, tokenizer, text_rows)
+            del model
+    if probe:
+        forgetting["n"] = len(probe_rows)
+        forgetting["accuracy_drop"] = round(forgetting["base_accuracy"] - forgetting["tuned_accuracy"], 4)
+    higher = {m.name: m.higher_is_better for m in _metrics(metric_names)}
+    result = EvalResult(figures["base"], figures["tuned"], primary, out_dir, higher, forgetting or None)
+    write_report(result, eval_rows, replies, probe_rows, max_new_tokens)
     return result
+
+
+def write_report(result: EvalResult, rows: list[dict], replies: dict, probe_rows: list[dict],
+                 max_new_tokens: int) -> None:
+    """eval.json, report.md and PNG charts in ``result.path``."""
+    out = result.path
+    out.mkdir(parents=True, exist_ok=True)
+    examples = [{"question": r["question"], "reference": r["answer"], "key": r.get("key"), "base": b, "tuned": t}
+                for r, b, t in zip(rows, replies["base"], replies["tuned"])]
+    probe = [{"question": r["question"], "key": r["key"], "base": b, "tuned": t}
+             for r, b, t in zip(probe_rows, replies.get("base_probe", []), replies.get("tuned_probe", []))]
+    (out / "eval.json").write_text(json.dumps(
+        {"primary": result.primary, "base": result.base, "tuned": result.tuned, "n": len(rows),
+         "forgetting": result.forgetting, "examples": examples, "probe": probe}, indent=2))
+    (out / "report.md").write_text(
+        f"# Evaluation\n\n{len(rows)} held-out questions, greedy decoding, at most {max_new_tokens} new tokens. "
+        f"Primary metric: {result.primary} ({'higher' if result.higher_is_better.get(result.primary, True) else 'lower'}"
+        f" is better).\n\n{result.table()}\n\n![metrics](metrics.png)\n")
+    plot_comparison(result, out / "metrics.png")
+
+
+def plot_comparison(result: EvalResult, path: Path) -> None:
+    """Grouped bars: base vs tuned for each bounded metric, plus the forgetting probe."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [m for m in result.base if result.higher_is_better.get(m, True)]
+    base = [result.base[m] for m in names]
+    tuned = [result.tuned[m] for m in names]
+    if result.forgetting:
+        names.append("forgetting probe")
+        base.append(result.forgetting["base_accuracy"])
+        tuned.append(result.forgetting["tuned_accuracy"])
+    fig, ax = plt.subplots(figsize=(max(4, 1.4 * len(names)), 3.5), dpi=100)
+    xs = range(len(names))
+    ax.bar([x - 0.2 for x in xs], base, width=0.4, label="base")
+    ax.bar([x + 0.2 for x in xs], tuned, width=0.4, label="tuned")
+    ax.set_xticks(list(xs), names, rotation=20)
+    ax.set_ylim(0, 1)
+    ax.legend()
+    ax.set_title("Base vs tuned (held-out questions)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
