@@ -158,6 +158,23 @@ def show(ref, as_json):
     _emit(manifest, as_json, model_card(manifest))
 
 
+@cli.command("eval")
+@click.argument("ref")
+@click.option("--data", type=click.Path(dir_okay=False), help="JSONL of question, answer and optional key.")
+@click.option("--metrics", help="Comma-separated metric names (default: the recipe's).")
+@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+def eval_(ref, data, metrics, max_new_tokens, as_json):
+    """Evaluate a registered model (NAME[@VERSION]) or a base model on question/answer pairs."""
+    from .pipeline.evaluate import evaluate_model
+
+    names = [m.strip() for m in metrics.split(",")] if metrics else None
+    result = evaluate_model(ref, data, names, max_new_tokens)
+    text = f"{result['model']} on {result['n']} questions ({result['data']}):\n" + "\n".join(
+        f"  {name}: {value:.4f}" for name, value in result["metrics"].items())
+    _emit({k: v for k, v in result.items() if k != "examples"}, as_json, text)
+
+
 @cli.command()
 @click.argument("ref")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")

@@ -30,18 +30,12 @@ class SpecialistChat(ChatHuggingFace):
         return super()._to_chat_prompt(messages)
 
 
-def _load(entry, manifest: dict):
-    """Model and tokenizer of a registry entry (merged, or base + adapter), loaded once per process."""
-    from .models import load_model, load_tokenizer, load_tuned
-
-    key = str(entry)
+def _load(ref: str):
+    """Model, tokenizer and manifest of a registered version, loaded once per process."""
+    key = str(registry.resolve(ref))
     with _lock:
         if key not in _models:
-            if (entry / "merged").is_dir():
-                _models[key] = (load_model(entry / "merged"), load_tokenizer(entry / "merged"))
-            else:
-                base = manifest["base_model"]["path"]
-                _models[key] = (load_tuned(base, entry / "adapter"), load_tokenizer(base))
+            _models[key] = registry.load(ref)
         return _models[key]
 
 
@@ -54,13 +48,11 @@ def load_llm(name: str, version: int | None = None, **generation_kwargs: Any) ->
     from transformers import pipeline
 
     ref = f"{name}@{version}" if version is not None else name
-    entry = registry.resolve(ref)
-    manifest = registry.show(ref)
-    model, tokenizer = _load(entry, manifest)
+    model, tokenizer, manifest = _load(ref)
     kwargs = {"max_new_tokens": 256, "do_sample": False, **generation_kwargs}
     # Generation settings live on the transformers pipeline: HuggingFacePipeline only forwards
     # per-call pipeline_kwargs, and its streaming path calls the pipeline directly.
     pipe = pipeline("text-generation", model=model, tokenizer=tokenizer, return_full_text=False, **kwargs)
-    llm = HuggingFacePipeline(pipeline=pipe, model_id=str(entry))
+    llm = HuggingFacePipeline(pipeline=pipe, model_id=ref)
     return SpecialistChat(llm=llm, tokenizer=tokenizer, model_id=f"{manifest['name']}@{manifest['version']}",
                           system_prompt=manifest.get("system_prompt"))

@@ -64,6 +64,17 @@ def show(ref: str) -> dict:
     return json.loads((resolve(ref) / "manifest.json").read_text())
 
 
+def load(ref: str):
+    """(model, tokenizer, manifest) of a registered version: merged weights, or base + adapter."""
+    from .models import load_model, load_tokenizer, load_tuned
+
+    entry, manifest = resolve(ref), show(ref)
+    if (entry / "merged").is_dir():
+        return load_model(entry / "merged"), load_tokenizer(entry / "merged"), manifest
+    base = manifest["base_model"]["path"]
+    return load_tuned(base, entry / "adapter"), load_tokenizer(base), manifest
+
+
 def list_models() -> list[dict]:
     """One row per registered name: latest manifest plus the list of versions."""
     rows = []

@@ -97,3 +97,37 @@ def test_interrupted_build_resumes_from_its_checkpoint(tiny_base, home, monkeypa
     assert any(line.startswith("resuming from") and line.endswith("checkpoint-2") for line in logs), logs
     assert result.version == 1 and (result.build_dir / "FINISHED").is_file()
     assert len(list(result.build_dir.parent.iterdir())) == 1  # the same build folder was continued
+
+
+def test_eval_command_on_registered_and_base_models(built, tiny_base, tmp_path, monkeypatch):
+    monkeypatch.setenv("AGENTPEFT_HOME", str(built.path.parents[2]))
+    runner = CliRunner()
+    own = runner.invoke(cli, ["eval", "support-bot", "--json", "--max-new-tokens", "4"])
+    assert own.exit_code == 0, own.output
+    figures = json.loads(own.output[own.output.index("{"):])
+    assert figures["model"] == "support-bot@1" and figures["n"] == 72
+    assert set(figures["metrics"]) == {"accuracy", "rouge_l"}
+    data = tmp_path / "qa.jsonl"
+    data.write_text('{"question": "What is 2 + 2?", "answer": "4", "key": "4"}\n')
+    base = runner.invoke(cli, ["eval", str(tiny_base), "--data", str(data), "--metrics", "accuracy,token_f1,perplexity",
+                               "--json", "--max-new-tokens", "3"])
+    assert base.exit_code == 0, base.output
+    result = json.loads(base.output[base.output.index("{"):])
+    assert result["n"] == 1 and set(result["metrics"]) == {"accuracy", "token_f1", "perplexity"}
+    assert result["metrics"]["perplexity"] > 1
+    data.write_text("not json\n")
+    bad = runner.invoke(cli, ["eval", "support-bot", "--data", str(data)])
+    assert bad.exit_code == 1 and "qa.jsonl:1: not valid JSON" in bad.output
+    missing = runner.invoke(cli, ["eval", "nobody-here"])
+    assert missing.exit_code == 1 and "neither a registered model" in missing.output
+
+
+def test_build_reports_forgetting_and_charts(built):
+    manifest = json.loads((built.path / "manifest.json").read_text())
+    forgetting = manifest["metrics"]["forgetting"]
+    assert forgetting["n"] >= 100 and 0 <= forgetting["base_accuracy"] <= 1
+    assert forgetting["accuracy_drop"] == pytest.approx(forgetting["base_accuracy"] - forgetting["tuned_accuracy"])
+    assert forgetting["base_perplexity"] > 1 and forgetting["tuned_perplexity"] > 1
+    for png in ("metrics.png", "loss_curve.png"):
+        assert (built.path / png).read_bytes()[:4] == b"\x89PNG"
+    assert "forgetting-probe accuracy" in (built.path / "report.md").read_text()

@@ -263,3 +263,41 @@ def plot_comparison(result: EvalResult, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def evaluate_model(ref: str, data: Path | str | None = None, metric_names: list[str] | None = None,
+                   max_new_tokens: int = 64, batch_size: int = 16) -> dict:
+    """Evaluate a registered model (``NAME[@VERSION]``) or a base model on question/answer pairs.
+
+    ``data`` is a JSONL file of ``question``, ``answer`` and optional ``key``; without it a
+    registered model is asked its own held-out questions.
+    """
+    from .. import registry
+    from ..models import load_model, load_tokenizer, resolve_base
+
+    try:
+        model, tokenizer, manifest = registry.load(ref)
+    except AgentpeftError:
+        manifest = None
+    if manifest is None:
+        try:
+            base = resolve_base(ref, log=lambda s: None)
+        except AgentpeftError:
+            raise AgentpeftError(f"{ref!r} is neither a registered model (see `agentpeft list`) nor a base model "
+                                 "(an alias, a local folder or a hub id)") from None
+        model, tokenizer = load_model(base), load_tokenizer(base)
+    if data is not None:
+        pairs = read_qa_jsonl(data)
+    elif manifest is not None:
+        held_out = json.loads((registry.resolve(ref) / "eval.json").read_text())["examples"]
+        pairs = [{"question": e["question"], "answer": e["reference"], "key": e["key"]} for e in held_out]
+    else:
+        raise AgentpeftError(f"{ref!r} is a base model with no held-out questions of its own; pass --data FILE.jsonl")
+    names = metric_names or (list(manifest["metrics"]["tuned"]) if manifest else ["accuracy", "token_f1", "rouge_l"])
+    rows = chat_rows(pairs, manifest["system_prompt"] if manifest else None)
+    with bar(total=len(rows), desc="evaluate", unit="answer") as progress:
+        figures, replies = score_model(model, tokenizer, rows, names, max_new_tokens, batch_size, progress.update)
+    return {"model": f"{manifest['name']}@{manifest['version']}" if manifest else ref, "n": len(rows),
+            "metrics": figures, "data": str(data) if data else "held-out questions of the build",
+            "examples": [{"question": r["question"], "reference": r["answer"], "reply": reply}
+                         for r, reply in zip(rows, replies)]}
