@@ -65,3 +65,12 @@ def test_bad_override_names_the_option():
         configure("support-bot", lr=-1.0)
     with pytest.raises(AgentpeftError, match="--method"):
         configure("support-bot", method="magic")
+
+
+def test_report_to_a_missing_logger_is_a_clear_error(tiny_base, dataset, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(AgentpeftError, match="--report-to wandb needs the wandb package"):
+        train(tiny_base, dataset, tmp_path, _cfg(report_to=["wandb"]))

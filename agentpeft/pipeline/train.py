@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import time
@@ -56,6 +57,9 @@ def train(base_dir: Path, dataset_dir: Path, out_dir: Path, cfg: TrainConfig, re
     from peft import get_peft_model, prepare_model_for_kbit_training
     from trl import SFTConfig, SFTTrainer
 
+    for logger in set(cfg.report_to) - {"none"}:
+        if importlib.util.find_spec(logger) is None:
+            raise AgentpeftError(f"--report-to {logger} needs the {logger} package; pip install {logger}")
     torch.manual_seed(cfg.seed)
     train_set = load_from_disk(str(dataset_dir))["train"]
     tokenizer = load_tokenizer(base_dir)
