@@ -177,6 +177,22 @@ def eval_(ref, data, metrics, max_new_tokens, as_json):
 
 @cli.command()
 @click.argument("ref")
+@click.option("--out", type=click.Path(dir_okay=False), help="Where to write the HTML (default: in the registry entry).")
+@click.option("--open/--no-open", "open_", default=True, help="Open the report in a browser.")
+def report(ref, out, open_):
+    """Write a self-contained HTML report of a registered model and open it."""
+    import webbrowser
+
+    from .report import write_report
+
+    path = write_report(ref, out)
+    click.echo(str(path))
+    if open_:
+        webbrowser.open(path.resolve().as_uri())
+
+
+@cli.command()
+@click.argument("ref")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 def rm(ref, yes):
     """Remove a registered model: NAME (every version) or NAME@VERSION."""

@@ -43,6 +43,7 @@ class TrainConfig(_Strict):
     max_grad_norm: float = Field(1.0, gt=0)
     virtual_tokens: int = Field(20, ge=1, description="prefix and prompt tuning")
     gradient_checkpointing: bool = False
+    group_by_length: bool = Field(True, description="batch examples of similar length: less padding")
     save_steps: int = Field(0, ge=0, description="checkpoint every N steps; 0 = four times per run")
     report_to: list[Literal["none", "tensorboard", "wandb"]] = ["none"]
     seed: int = 42

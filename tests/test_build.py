@@ -131,3 +131,45 @@ def test_build_reports_forgetting_and_charts(built):
     for png in ("metrics.png", "loss_curve.png"):
         assert (built.path / png).read_bytes()[:4] == b"\x89PNG"
     assert "forgetting-probe accuracy" in (built.path / "report.md").read_text()
+
+
+def test_html_report_has_tables_and_embedded_charts(built, monkeypatch, tmp_path):
+    from html.parser import HTMLParser
+
+    monkeypatch.setenv("AGENTPEFT_HOME", str(built.path.parents[2]))
+    out = tmp_path / "report.html"
+    result = CliRunner().invoke(cli, ["report", "support-bot", "--out", str(out), "--no-open"])
+    assert result.exit_code == 0, result.output
+
+    class Collect(HTMLParser):
+        tables, images, rows = [], [], 0
+
+        def handle_starttag(self, tag, attrs):
+            attrs = dict(attrs)
+            if tag == "table":
+                self.tables.append(attrs.get("class"))
+            if tag == "img":
+                self.images.append(attrs["src"][:22])
+            if tag == "tr":
+                self.rows += 1
+
+    parser = Collect()
+    parser.feed(out.read_text())
+    assert parser.tables == ["comparison", "dataset", "training", "answers"]
+    assert parser.images == ["data:image/png;base64,"] * 2
+    assert parser.rows > 72  # every held-out question has its row
+
+
+@pytest.mark.skipif(not __import__("shutil").which("chromium"), reason="Chromium is not installed on this machine")
+def test_html_report_renders_in_headless_chromium(built, monkeypatch, tmp_path):
+    import subprocess
+
+    monkeypatch.setenv("AGENTPEFT_HOME", str(built.path.parents[2]))
+    from agentpeft.report import write_report
+
+    page = write_report("support-bot", tmp_path / "report.html")
+    dom = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                          "--disable-component-update", "--disable-sync", "--no-first-run",
+                          f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", page.as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    assert dom.count("<table") == 4 and dom.count("data:image/png;base64,") == 2

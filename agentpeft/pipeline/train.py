@@ -100,6 +100,7 @@ def train(base_dir: Path, dataset_dir: Path, out_dir: Path, cfg: TrainConfig, re
         use_cpu=not cuda,
         completion_only_loss=True,
         max_length=cfg.max_seq_len,
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         gradient_checkpointing=False,  # set on the model above, before peft wraps it
         disable_tqdm=True,  # replaced by _ProgressBar: one bar with the loss, no dict per step
         dataloader_num_workers=0,
