@@ -1,3 +1,29 @@
-"""agentpeft: turn a knowledge base into a specialized, evaluated, fine-tuned LLM for LangChain agents."""
+"""agentpeft: turn a knowledge base into a specialized, evaluated, fine-tuned LLM for LangChain agents.
+
+The Python API has the CLI's verbs; they are imported on first use, so ``import agentpeft`` stays light.
+"""
+
+from importlib import import_module
 
 __version__ = "0.1.0"
+
+_API = {
+    "build": "agentpeft.pipeline.build",
+    "evaluate_model": "agentpeft.pipeline.evaluate",
+    "pull_model": "agentpeft.models",
+    "list_models": "agentpeft.registry",
+    "show": "agentpeft.registry",
+    "remove": "agentpeft.registry",
+    "export": "agentpeft.registry",
+    "get_recipe": "agentpeft.recipe",
+    "get_recipes": "agentpeft.recipe",
+    "write_report": "agentpeft.report",
+    "load_llm": "agentpeft.langchain",
+}
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str):
+    if name in _API:
+        return getattr(import_module(_API[name]), name)
+    raise AttributeError(f"module 'agentpeft' has no attribute {name!r}")

@@ -39,3 +39,12 @@ def test_recipe_file_path_and_overrides(tmp_path):
     assert recipe.kb_path == tmp_path / "docs"
     assert (recipe.base_model, recipe.train.epochs, recipe.train.max_steps) == ("some/base", 2, 5)
     assert configure(str(path), kb=tmp_path).kb_path == Path(tmp_path)
+
+
+def test_top_level_api_has_the_cli_verbs():
+    import agentpeft
+    from agentpeft.pipeline.build import build
+
+    assert agentpeft.build is build
+    for verb in ("evaluate_model", "pull_model", "list_models", "show", "remove", "export", "write_report", "load_llm"):
+        assert callable(getattr(agentpeft, verb))
