@@ -51,3 +51,20 @@ def test_disable_plugins_env(monkeypatch):
     assert plugins._disabled() is True
     monkeypatch.setenv("AGENTPEFT_DISABLE_PLUGINS", "a, b")
     assert plugins._disabled() == {"a", "b"}
+
+
+def test_example_plugin_package_registers_its_metric(monkeypatch):
+    """plugins/agentpeft-length-metric, loaded the way its entry point would load it."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "plugins" / "agentpeft-length-metric"))
+    module = importlib.import_module("agentpeft_length_metric")
+    monkeypatch.setattr(plugins, "entry_points", lambda group: [_EntryPoint("length_metric", module)])
+    monkeypatch.setattr(plugins, "_loaded", False)
+    try:
+        from agentpeft.pipeline.evaluate import get_metrics
+
+        metric = get_metrics()["length_ratio"]
+        assert metric.score(["a b c d"], [{"answer": "a b"}]) == 2.0 and not metric.higher_is_better
+    finally:
+        plugins.pm.unregister(name="length_metric")
