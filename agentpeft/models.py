@@ -161,7 +161,7 @@ def resolve_base(spec: str | None, log=print) -> Path:
         if not list(path.glob("*.safetensors")):
             raise AgentpeftError(f"base model folder {path} has no .safetensors weights; only safetensors are loaded")
         return path
-    if _HUB_ID.match(spec) and not spec.startswith((".", "/")):
+    if _HUB_ID.match(spec):
         try:
             from huggingface_hub import snapshot_download
 

@@ -46,7 +46,6 @@ def load_markdown(path: Path) -> list[Document]:
             flush()
             level = len(match.group(1))
             trail = trail[: level - 1] + [""] * max(0, level - 1 - len(trail)) + [match.group(2)]
-            trail = trail[:level]
             start, body = number, []
         else:
             body.append(line)

@@ -215,11 +215,11 @@ def evaluate(base_dir: Path, adapter_dir: Path, eval_rows: list[dict], metric_na
         forgetting["accuracy_drop"] = round(forgetting["base_accuracy"] - forgetting["tuned_accuracy"], 4)
     higher = {m.name: m.higher_is_better for m in _metrics(metric_names)}
     result = EvalResult(figures["base"], figures["tuned"], primary, out_dir, higher, forgetting or None)
-    write_report(result, eval_rows, replies, probe_rows, max_new_tokens)
+    write_eval_files(result, eval_rows, replies, probe_rows, max_new_tokens)
     return result
 
 
-def write_report(result: EvalResult, rows: list[dict], replies: dict, probe_rows: list[dict],
+def write_eval_files(result: EvalResult, rows: list[dict], replies: dict, probe_rows: list[dict],
                  max_new_tokens: int) -> None:
     """eval.json, report.md and PNG charts in ``result.path``."""
     out = result.path
