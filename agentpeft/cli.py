@@ -50,13 +50,6 @@ TRAIN_OPTIONS = (
 )
 
 
-def train_options(command):
-    """The training overrides shared by the commands that train (recipe values otherwise)."""
-    for option in reversed(TRAIN_OPTIONS):
-        command = option(command)
-    return command
-
-
 def _train_overrides(options: dict) -> dict:
     modules = options.pop("target_modules", None)
     if modules:
@@ -65,15 +58,25 @@ def _train_overrides(options: dict) -> dict:
     return options
 
 
+def recipe_run_options(command):
+    """The options of the commands that run a recipe's stages (build, train)."""
+    for option in reversed((
+        click.argument("recipe"),
+        click.option("--kb", type=click.Path(), help="Knowledge-base folder or file (default: the recipe's own)."),
+        click.option("--name", help="Register under this name (default: the recipe's name)."),
+        click.option("--base", help="Base model: an alias (smollm2-135m), a local folder or a hub id."),
+        *TRAIN_OPTIONS,
+        click.option("--resume", is_flag=True,
+                     help="Continue the last unfinished build of this name from its last checkpoint."),
+        click.option("--quiet", is_flag=True, help="No progress bars."),
+    )):
+        command = option(command)
+    return command
+
+
 @cli.command()
-@click.argument("recipe")
-@click.option("--kb", type=click.Path(), help="Knowledge-base folder or file (default: the recipe's own).")
-@click.option("--name", help="Register under this name (default: the recipe's name).")
-@click.option("--base", help="Base model: an alias (smollm2-135m), a local folder or a hub id.")
-@train_options
-@click.option("--resume", is_flag=True, help="Continue the last unfinished build of this name from its last checkpoint.")
+@recipe_run_options
 @click.option("--allow-regression", is_flag=True, help="Register even if the tuned model does not beat the base.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
 def build(recipe, kb, name, base, resume, allow_regression, quiet, **train):
     """Build RECIPE end to end: ingest, dataset, train, evaluate, merge, register."""
     from .pipeline.build import build as run_build
@@ -85,6 +88,17 @@ def build(recipe, kb, name, base, resume, allow_regression, quiet, **train):
         sys.exit(2)
     click.echo(f"\nRegistered {result.name}@{result.version}. Use it: "
                f"from agentpeft.langchain import load_llm; load_llm({result.name!r})")
+
+
+@cli.command()
+@recipe_run_options
+def train(recipe, kb, name, base, resume, quiet, **train):
+    """Run RECIPE's ingest, dataset and train stages only; `build NAME --resume` can finish the build."""
+    from .pipeline.build import train_recipe
+
+    result = train_recipe(recipe, kb=kb, name=name, base=base, resume=resume, show_progress=not quiet,
+                          log=click.echo, **_train_overrides(train))
+    click.echo(f"adapter: {result.train.adapter_dir}")
 
 
 @cli.group()

@@ -34,7 +34,7 @@ class TrainConfig(_Strict):
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
     epochs: float = Field(3.0, gt=0)
-    max_steps: int = -1
+    max_steps: int = Field(-1, ge=-1, description="-1: run the epochs; 0: save the adapter untrained")
     lr: float = Field(1e-3, gt=0)
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)

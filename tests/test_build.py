@@ -1,6 +1,7 @@
 """The whole pipeline on a tiny random-init model: every stage runs and the result is usable."""
 
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -173,3 +174,22 @@ def test_html_report_renders_in_headless_chromium(built, monkeypatch, tmp_path):
                           f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", page.as_uri()],
                          capture_output=True, text=True, timeout=120).stdout
     assert dom.count("<table") == 4 and dom.count("data:image/png;base64,") == 2
+
+
+def test_gate_refuses_a_zero_step_adapter_and_train_command_stops_before_eval(tiny_base, home):
+    logs = []
+    result = build("support-bot", base=str(tiny_base), max_steps=0, method="lora", show_progress=False,
+                   log=logs.append, name="useless")
+    assert result.train.steps == 0 and result.train.final_loss is None
+    # An untrained LoRA adapter (B = 0) changes nothing, so the tuned model cannot beat the base.
+    assert result.eval.tuned == result.eval.base
+    assert result.version is None and any("register: refused" in line for line in logs)
+    assert not (registry_dir() / "useless").exists() or not any((registry_dir() / "useless").glob("[0-9]*"))
+
+    out = CliRunner().invoke(cli, ["train", "support-bot", "--base", str(tiny_base), "--max-steps", "1",
+                                   "--method", "lora", "--name", "trained-only", "--quiet"])
+    assert out.exit_code == 0, out.output
+    assert "trainable params:" in out.output and "[3/6] train:" in out.output and "evaluate" not in out.output
+    adapter = out.output.strip().splitlines()[-1].removeprefix("adapter: ")
+    assert (Path(adapter) / "adapter_model.safetensors").is_file()
+    assert not (registry_dir() / "trained-only").exists()

@@ -19,7 +19,7 @@ from .dataset import build_dataset
 from .evaluate import EvalResult, evaluate
 from .ingest import ingest
 from .merge import merge
-from .train import MERGEABLE, train
+from .train import MERGEABLE, TrainResult, train
 
 STAGES = ("ingest", "dataset", "train", "evaluate", "merge", "register")
 
@@ -31,19 +31,24 @@ class BuildResult:
     name: str
     version: int | None
     path: Path | None
-    eval: EvalResult
+    eval: EvalResult | None
     build_dir: Path
     seconds: dict[str, float]
+    train: TrainResult | None = None
 
 
 def build(recipe: str | Recipe, kb: str | Path | None = None, name: str | None = None,
           base: str | None = None, allow_regression: bool = False, resume: bool = False,
-          show_progress: bool = True, log: Callable[[str], None] = print, **train_overrides) -> BuildResult:
+          show_progress: bool = True, log: Callable[[str], None] = print, until: str = "register",
+          **train_overrides) -> BuildResult:
     """ingest -> dataset -> train -> evaluate -> merge -> register, each stage summarized in one line.
 
     ``train_overrides`` are TrainConfig fields (epochs, max_steps, method, r, lr, ...);
-    ``resume`` continues the name's last unfinished build from its last checkpoint.
+    ``resume`` continues the name's last unfinished build from its last checkpoint;
+    ``until="train"`` stops after training (what ``agentpeft train`` runs).
     """
+    if until not in ("train", "register"):
+        raise AgentpeftError(f"until must be 'train' or 'register', not {until!r}")
     set_enabled(show_progress)
     recipe = configure(recipe, kb, base, **train_overrides)
     name = check_name(name or recipe.name)
@@ -75,6 +80,8 @@ def build(recipe: str | Recipe, kb: str | Path | None = None, name: str | None =
 
     trained = train(base_dir, data.path, build_dir, recipe.train, resume=resume, log=log)
     done("train", trained.summary())
+    if until == "train":
+        return BuildResult(name, None, None, None, build_dir, seconds, trained)
 
     from datasets import load_from_disk
 
@@ -101,7 +108,7 @@ def build(recipe: str | Recipe, kb: str | Path | None = None, name: str | None =
             f"({result.tuned[recipe.eval.primary]:.3f} vs {result.base[recipe.eval.primary]:.3f}); "
             f"nothing registered (--allow-regression overrides); build files in {build_dir}")
         (build_dir / "FINISHED").write_text("refused\n")
-        return BuildResult(name, None, None, result, build_dir, seconds)
+        return BuildResult(name, None, None, result, build_dir, seconds, trained)
 
     manifest = {
         "recipe": recipe.name,
@@ -124,7 +131,12 @@ def build(recipe: str | Recipe, kb: str | Path | None = None, name: str | None =
     version, path = publish(name, files, manifest)
     (build_dir / "FINISHED").write_text(f"{name}@{version}\n")
     done("register", f"{name}@{version} -> {path}")
-    return BuildResult(name, version, path, result, build_dir, seconds)
+    return BuildResult(name, version, path, result, build_dir, seconds, trained)
+
+
+def train_recipe(recipe: str | Recipe, **options) -> BuildResult:
+    """ingest -> dataset -> train only: the adapter lands in the build folder, nothing is registered."""
+    return build(recipe, until="train", **options)
 
 
 def _unfinished_build(name: str) -> Path | None:
