@@ -42,6 +42,10 @@ def _splitter(size: int, overlap: int) -> RecursiveCharacterTextSplitter:
 
 def fenced_spans(text: str) -> list[Span]:
     """Offsets of the fenced code blocks (```` ``` ```` or ``~~~`` at the start of a line; an unclosed one runs to the end)."""
+    return _fences(text)[0]
+
+
+def _fences(text: str) -> tuple[list[Span], bool]:
     spans: list[Span] = []
     opened, offset = -1, 0
     for line in text.splitlines(keepends=True):
@@ -54,14 +58,14 @@ def fenced_spans(text: str) -> list[Span]:
         offset += len(line)
     if opened >= 0:
         spans.append((opened, len(text)))
-    return spans
+    return spans, opened >= 0
 
 
 def chunk_text(text: str, size: int, overlap: int, atomic: Iterable[Span] = ()) -> list[tuple[int, str]]:
     """``(offset, chunk)`` pieces of ``text`` of at most ``size`` characters; ``atomic`` spans are never cut."""
     if len(text) <= size:
         stripped = text.strip()
-        return [(text.index(stripped[0]), stripped)] if stripped else []
+        return [(len(text) - len(text.lstrip()), stripped)] if stripped else []
     units: list[tuple[int, int, int | None]] = []  # start, end, prose segment (None for an atomic span)
     pos = 0
     for segment, (a, b) in enumerate([*sorted(atomic), (len(text), len(text))]):
@@ -83,9 +87,8 @@ def chunk_text(text: str, size: int, overlap: int, atomic: Iterable[Span] = ()) 
     out = []
     for a, b in chunks:
         piece = text[a:b]
-        stripped = piece.strip()
-        if stripped:
-            out.append((a + piece.index(stripped[0]), stripped))
+        if piece.strip():
+            out.append((a + len(piece) - len(piece.lstrip()), piece.strip()))
     return out
 
 
@@ -121,13 +124,11 @@ _CLOSING_HASHES = re.compile(r"\s+#+\s*$")
 def load_markdown(path: Path, chunk_size: int = 1500, chunk_overlap: int = 150) -> list[Document]:
     """Sections split at headings by langchain's Markdown splitter, then chunked; code blocks kept whole."""
     text = read_text(path)
-    fences = fenced_spans(text)
     # the splitter drops the text of an unclosed code block, so close it for the splitter only
-    unclosed = bool(fences) and fences[-1][1] == len(text) and not text.rstrip().endswith(("```", "~~~"))
-    padded = text + "\n```\n" if unclosed else text
+    padded = text + "\n```\n" if _fences(text)[1] else text
     parts = ExperimentalMarkdownSyntaxTextSplitter(_MD_HEADERS, strip_headers=False).split_text(padded)
     # the splitter keeps each part verbatim but not its position: find it, and join the parts of a section
-    sections: list[list] = []  # [start, end, headers]
+    sections: list[list] = []  # [start, end, headers, starts with its heading]
     cursor = 0
     for part in parts:
         start = padded.find(part.page_content, cursor)
