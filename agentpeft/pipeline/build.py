@@ -66,7 +66,8 @@ def build(recipe: str | Recipe, kb: str | Path | None = None, name: str | None =
         clock = now
         log(f"[{STAGES.index(stage) + 1}/{len(STAGES)}] {stage}: {summary} ({seconds[stage]:.0f}s)")
 
-    documents = ingest(recipe.kb_path, recipe.data.loaders)
+    d = recipe.data
+    documents = ingest(recipe.kb_path, d.loaders, d.loader_options, d.chunk_size, d.chunk_overlap, d.strict)
     base_dir = resolve_base(recipe.base_model, log=log)
     done("ingest", f"{len(documents)} document sections from {recipe.kb_path}")
 
