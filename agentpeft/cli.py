@@ -58,6 +58,10 @@ def _train_overrides(options: dict) -> dict:
     return options
 
 
+JUDGE_HELP = ("Also grade the replies with this chat model: provider:model (init_chat_model), "
+              "a registered model or a base model; reported beside the metrics.")
+
+
 def recipe_run_options(command):
     """The options of the commands that run a recipe's stages (build, train)."""
     for option in reversed((
@@ -77,12 +81,13 @@ def recipe_run_options(command):
 @cli.command()
 @recipe_run_options
 @click.option("--allow-regression", is_flag=True, help="Register even if the tuned model does not beat the base.")
-def build(recipe, kb, name, base, resume, allow_regression, quiet, **train):
+@click.option("--judge", help=JUDGE_HELP)
+def build(recipe, kb, name, base, resume, allow_regression, quiet, judge, **train):
     """Build RECIPE end to end: ingest, dataset, train, evaluate, merge, register."""
     from .pipeline.build import build as run_build
 
     result = run_build(recipe, kb=kb, name=name, base=base, allow_regression=allow_regression, resume=resume,
-                       show_progress=not quiet, log=click.echo, **_train_overrides(train))
+                       show_progress=not quiet, log=click.echo, judge=judge, **_train_overrides(train))
     click.echo("\n" + result.eval.table())
     if result.version is None:
         sys.exit(2)
@@ -177,13 +182,14 @@ def show(ref, as_json):
 @click.option("--data", type=click.Path(dir_okay=False), help="JSONL of question, answer and optional key.")
 @click.option("--metrics", help="Comma-separated metric names (default: the recipe's).")
 @click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--judge", help=JUDGE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
-def eval_(ref, data, metrics, max_new_tokens, as_json):
+def eval_(ref, data, metrics, max_new_tokens, judge, as_json):
     """Evaluate a registered model (NAME[@VERSION]) or a base model on question/answer pairs."""
     from .pipeline.evaluate import evaluate_model
 
     names = [m.strip() for m in metrics.split(",")] if metrics else None
-    result = evaluate_model(ref, data, names, max_new_tokens)
+    result = evaluate_model(ref, data, names, max_new_tokens, judge=judge)
     text = f"{result['model']} on {result['n']} questions ({result['data']}):\n" + "\n".join(
         f"  {name}: {value:.4f}" for name, value in result["metrics"].items())
     _emit({k: v for k, v in result.items() if k != "examples"}, as_json, text)

@@ -121,6 +121,27 @@ def test_eval_command_on_registered_and_base_models(built, tiny_base, tmp_path, 
     assert bad.exit_code == 1 and "qa.jsonl:1: not valid JSON" in bad.output
     missing = runner.invoke(cli, ["eval", "nobody-here"])
     assert missing.exit_code == 1 and "neither a registered model" in missing.output
+    no_provider = runner.invoke(cli, ["eval", "support-bot", "--judge", "nosuchprovider:model", "--max-new-tokens", "2"])
+    assert no_provider.exit_code == 1 and "cannot use chat model 'nosuchprovider:model'" in no_provider.output
+
+
+def test_judge_is_reported_beside_the_metrics(built, tiny_base, monkeypatch, tmp_path):
+    import agentpeft.langchain
+    from agentpeft.pipeline.evaluate import chat_rows, evaluate
+    from test_metrics import _ScriptedJudge
+
+    monkeypatch.setattr(agentpeft.langchain, "chat_model", lambda spec: _ScriptedJudge())
+    rows = chat_rows([{"question": "How long is the warranty?", "answer": "Two years.", "key": "Two years"}], "Be brief.")
+    result = evaluate(tiny_base, built.path / "adapter", rows, ["accuracy"], "accuracy", tmp_path, max_new_tokens=3,
+                      probe=False, judge="scripted")
+    assert set(result.judge) == {"model", "base", "tuned"} and result.judge["model"] == "scripted"
+    assert "| judge (scripted), share correct |" in result.table()
+    assert json.loads((tmp_path / "eval.json").read_text())["judge"] == result.judge
+    monkeypatch.setenv("AGENTPEFT_HOME", str(built.path.parents[2]))
+    out = CliRunner().invoke(cli, ["eval", "support-bot", "--json", "--max-new-tokens", "4", "--judge", "scripted"])
+    assert out.exit_code == 0, out.output
+    figures = json.loads(out.output[out.output.index("{"):])["metrics"]
+    assert set(figures) == {"accuracy", "rouge_l", "judge (scripted)"} and 0 <= figures["judge (scripted)"] <= 1
 
 
 def test_build_reports_forgetting_and_charts(built):

@@ -40,12 +40,14 @@ class BuildResult:
 def build(recipe: str | Recipe, kb: str | Path | None = None, name: str | None = None,
           base: str | None = None, allow_regression: bool = False, resume: bool = False,
           show_progress: bool = True, log: Callable[[str], None] = print, until: str = "register",
+          judge: str | None = None,
           **train_overrides) -> BuildResult:
     """ingest -> dataset -> train -> evaluate -> merge -> register, each stage summarized in one line.
 
     ``train_overrides`` are TrainConfig fields (epochs, max_steps, method, r, lr, ...);
     ``resume`` continues the name's last unfinished build from its last checkpoint;
-    ``until="train"`` stops after training (what ``agentpeft train`` runs).
+    ``until="train"`` stops after training (what ``agentpeft train`` runs); ``judge`` names a chat
+    model that also grades the held-out replies (reported, never gating).
     """
     if until not in ("train", "register"):
         raise AgentpeftError(f"until must be 'train' or 'register', not {until!r}")
@@ -89,7 +91,7 @@ def build(recipe: str | Recipe, kb: str | Path | None = None, name: str | None =
     eval_rows = list(load_from_disk(str(data.path))["eval"])
     result = evaluate(base_dir, trained.adapter_dir, eval_rows, recipe.eval.metrics, recipe.eval.primary,
                       build_dir / "eval", recipe.system_prompt, recipe.eval.max_new_tokens, recipe.eval.batch_size,
-                      probe=recipe.eval.forgetting_probe)
+                      probe=recipe.eval.forgetting_probe, judge=judge)
     done("evaluate", result.summary())
 
     files = {"adapter": trained.adapter_dir, "dataset_card.md": build_dir / "data" / "dataset_card.md",
@@ -122,7 +124,7 @@ def build(recipe: str | Recipe, kb: str | Path | None = None, name: str | None =
                   "seconds": round(trained.seconds, 1), "tokens": trained.tokens,
                   "trainable_params": trained.trainable_params, "all_params": trained.all_params},
         "metrics": {"primary": result.primary, "base": result.base, "tuned": result.tuned,
-                    "forgetting": result.forgetting},
+                    "forgetting": result.forgetting, "judge": result.judge},
         "merge": merge_info,
         "allow_regression": bool(allow_regression and not result.improved),
         "created": stamp.isoformat(timespec="seconds"),
