@@ -45,14 +45,20 @@ def load_llm(name: str, version: int | None = None, **generation_kwargs: Any) ->
     ``generation_kwargs`` (``max_new_tokens``, ``do_sample``, ``temperature``, ...) go to generation;
     the default is greedy decoding with up to 256 new tokens.
     """
-    from transformers import pipeline
-
     ref = f"{name}@{version}" if version is not None else name
     model, tokenizer, manifest = _load(ref)
+    return chat_model(model, tokenizer, f"{manifest['name']}@{manifest['version']}",
+                      manifest.get("system_prompt"), **generation_kwargs)
+
+
+def chat_model(model, tokenizer, model_id: str, system_prompt: str | None = None,
+               **generation_kwargs: Any) -> BaseChatModel:
+    """A LangChain chat model over a loaded transformers model (greedy, up to 256 new tokens by default)."""
+    from transformers import pipeline
+
     kwargs = {"max_new_tokens": 256, "do_sample": False, **generation_kwargs}
     # Generation settings live on the transformers pipeline: HuggingFacePipeline only forwards
     # per-call pipeline_kwargs, and its streaming path calls the pipeline directly.
     pipe = pipeline("text-generation", model=model, tokenizer=tokenizer, return_full_text=False, **kwargs)
-    llm = HuggingFacePipeline(pipeline=pipe, model_id=ref)
-    return SpecialistChat(llm=llm, tokenizer=tokenizer, model_id=f"{manifest['name']}@{manifest['version']}",
-                          system_prompt=manifest.get("system_prompt"))
+    llm = HuggingFacePipeline(pipeline=pipe, model_id=model_id)
+    return SpecialistChat(llm=llm, tokenizer=tokenizer, model_id=model_id, system_prompt=system_prompt)

@@ -14,6 +14,7 @@ DEFAULT_PLUGINS = (
     "agentpeft.default_plugins.recipes",
     "agentpeft.default_plugins.loaders",
     "agentpeft.default_plugins.generators",
+    "agentpeft.default_plugins.filters",
     "agentpeft.default_plugins.metrics",
 )
 
