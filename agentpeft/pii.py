@@ -13,22 +13,25 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 KINDS = ("EMAIL", "MRN", "NATIONAL_ID", "CARD", "PHONE")
+# Between a keyword and its value: "MRN 1234567", "MRN: 1234567", "MRN is 1234567", or a short phrase
+# ending in "is" or a colon, as in "the MRN of the patient is 1234567".
+_GAP = r"(?:\s*[:#]\s*|\s+(?:is\s+)?|(?:\s+[\w.'-]+){1,5}?\s*(?:\s(?:is|was)\s|[:=]\s*))"
 
 _EMAIL = re.compile(
-    r"(?<![\w.+-])[A-Za-z0-9][A-Za-z0-9._%+-]*\s?(?:@|\s?[\[(]at[\])]\s?)\s?"
+    r"(?<![\w.+'-])[A-Za-z0-9][A-Za-z0-9._%+'-]*\s?(?:@|\s?[\[(]at[\])]\s?)\s?"
     r"[A-Za-z0-9-]+(?:(?:\.|\s?[\[(]dot[\])]\s?)[A-Za-z0-9-]+)*(?:\.|\s?[\[(]dot[\])]\s?)[A-Za-z]{2,}\b",
     re.IGNORECASE,
 )
 # The identifier after a medical-record keyword: "MRN 1234567", "Medical record no.: A-00123456".
 _MRN = re.compile(
     r"\b(?:MRN|medical[ -]record(?:\s+(?:number|no\.?|num|#))?|patient\s+(?:id|number|no\.?)|chart\s+(?:number|no\.?))"
-    r"\s*(?:[:#]\s*)?(?:is\s+)?(?P<id>[A-Z]{0,3}-?\d[\d-]{4,12}\d)\b",
+    rf"(?:{_GAP}|(?=[-#:]))[#:]?\s*(?P<id>[A-Z]{{0,3}}-?\d[\d-]{{4,12}}\d)\b",
     re.IGNORECASE,
 )
 _SSN = re.compile(r"(?<![\w.-])(?!000|666|9\d\d)\d{3}([- ])(?!00)\d{2}\1(?!0000)\d{4}(?![\w-]|\.\d)")
 _NATIONAL_KEYWORD = re.compile(
     r"\b(?:SSN|SIN|social\s+(?:security|insurance)\s+(?:number|no\.?|#)|national\s+(?:id|identity|insurance)"
-    r"(?:\s+(?:number|no\.?|card))?|NI\s+number|tax\s+id)\s*(?:[:#]\s*)?(?:is\s+)?"
+    rf"(?:\s+(?:number|no\.?|card))?|NI\s+number|tax\s+id){_GAP}"
     r"(?P<id>[A-Z]{0,2}\s?\d[\d -]{6,12}\d\s?[A-Z]?)(?![\w-])",
     re.IGNORECASE,
 )
@@ -46,7 +49,8 @@ _PHONE_PATTERNS = (
     re.compile(r"(?<![\w.-])\(?0\d{1,4}\)?[ -]\d{3,4}[ -]?\d{3,4}(?![\w-]|\.\d)"),
 )
 _PHONE_KEYWORD = re.compile(
-    r"\b(?:phone|tel|telephone|mobile|cell|fax|call|whatsapp)(?:\s+(?:number|no\.?|us|me))?\s*(?:[:.]\s*|\bat\s+|on\s+)?"
+    r"\b(?:phone|tel|telephone|mobile|cell|fax|call|whatsapp)(?:\s+(?:number|no\.?|us|me))?"
+    rf"(?:\.\s*|\s+at\s+|\s+on\s+|{_GAP})"
     r"(?P<id>\+?\d[\d ().-]{6,16}\d)(?![\w-])",
     re.IGNORECASE,
 )

@@ -42,10 +42,10 @@ def _words(text: str) -> list[str]:
 def dedup_filter(pairs: list[Pair], recipe) -> list[Pair]:
     """Drop exact duplicates (same normalized question) and near-duplicates, keeping the first.
 
-    A pair is a near-duplicate of a kept one when MinHash (datasketch, word sets) estimates the
-    Jaccard similarity of both their questions and their answers at ``data.dedup_threshold`` or
-    more, and both state the same figures: pairs that differ in a number (a price, a model code)
-    hold different facts and are both kept.
+    A pair is a near-duplicate of a kept one when MinHash LSH (datasketch) over the words of its
+    question and answer estimates their Jaccard similarity at ``data.dedup_threshold`` or more, and
+    both state the same figures: pairs that differ in a number (a price, a model code) hold different
+    facts and are both kept.
     """
     from datasketch import MinHash, MinHashLSH
 
@@ -58,18 +58,15 @@ def dedup_filter(pairs: list[Pair], recipe) -> list[Pair]:
             unique.append(pair)
     if threshold >= 1 or len(unique) < 2:
         return unique
-    words_q = [set(_words(p.question)) or {""} for p in unique]
-    words_a = [set(_words(p.answer)) or {""} for p in unique]
-    mh_q = MinHash.bulk([[w.encode() for w in ws] for ws in words_q], num_perm=NUM_PERM)
-    mh_a = MinHash.bulk([[w.encode() for w in ws] for ws in words_a], num_perm=NUM_PERM)
-    figures = [frozenset(w for w in words_q[i] | words_a[i] if any(c.isdigit() for c in w)) for i in range(len(unique))]
+    words = [set(_words(f"{p.question} {p.answer}")) or {""} for p in unique]
+    hashes = MinHash.bulk([[w.encode() for w in ws] for ws in words], num_perm=NUM_PERM)
+    figures = [frozenset(w for w in ws if any(c.isdigit() for c in w)) for ws in words]
     lsh = MinHashLSH(threshold=threshold, num_perm=NUM_PERM)
     kept = []
     for i, pair in enumerate(unique):
-        duplicate = any(mh_a[j].jaccard(mh_a[i]) >= threshold and mh_q[j].jaccard(mh_q[i]) >= threshold
-                        and figures[j] == figures[i] for j in lsh.query(mh_q[i]))
-        if not duplicate:
-            lsh.insert(i, mh_q[i])
+        if not any(figures[j] == figures[i] and hashes[j].jaccard(hashes[i]) >= threshold
+                   for j in lsh.query(hashes[i])):
+            lsh.insert(i, hashes[i])
             kept.append(pair)
     note("near_duplicates_removed", len(unique) - len(kept))
     return kept

@@ -415,14 +415,25 @@ def build_dataset(documents: list[Document], generators: list[str], tokenizer, s
     return DatasetResult(out_dir / "dataset", card)
 
 
-def _source_file(source: str, kb: Path | None) -> str:
-    path = re.sub(r":\d+$", "", source)
-    if kb is not None:
+def _source_files(sources: list[str], kb: Path | None) -> dict[str, str]:
+    """Each source (``path:line``) as a file path relative to the knowledge base, or to the files' common folder."""
+    paths = {src: re.sub(r":\d+$", "", src) for src in sources}
+    root = Path(kb).resolve() if kb is not None else None
+    if root is not None and root.is_file():
+        root = root.parent
+    if root is None:
+        absolute = [os.path.dirname(os.path.abspath(p)) for p in paths.values() if p]
         try:
-            return str(Path(path).resolve().relative_to(Path(kb).resolve())) or Path(path).name
+            root = Path(os.path.commonpath(absolute)) if absolute else None
         except ValueError:
-            pass
-    return path
+            root = None
+    out = {}
+    for src, path in paths.items():
+        try:
+            out[src] = str(Path(path).resolve().relative_to(root)) if root is not None and path else path
+        except ValueError:
+            out[src] = path
+    return out
 
 
 def _histogram(lengths: list[int], bins: int = 20) -> dict:
@@ -437,8 +448,10 @@ def _histogram(lengths: list[int], bins: int = 20) -> dict:
 
 def _card(pairs, documents, generated, filter_counts, notes, added, train, held_out, recipe) -> dict:
     lengths = [r["n_tokens"] for r in train + held_out]
-    facts_by_source = Counter(_source_file(p.source, recipe.kb_path) for p in pairs)
-    docs_by_source = Counter(_source_file(str(d.metadata.get("source", "")), recipe.kb_path) for d in documents)
+    doc_sources = [str(d.metadata.get("source", "")) for d in documents]
+    files = _source_files([p.source for p in pairs] + doc_sources, recipe.kb_path)
+    facts_by_source = Counter(files[p.source] for p in pairs)
+    docs_by_source = Counter(files[src] for src in doc_sources)
     redactions = notes.pop("redactions", {})
     return {
         "facts": len(pairs),
