@@ -505,3 +505,13 @@ def test_build_reuses_the_cached_dataset_until_the_kb_changes(tmp_path, tiny_bas
     third = run()
     assert any("dataset: 5 facts" in line and "cached" not in line for line in third), third
     assert len(list((home / "cache" / "datasets").iterdir())) == 2
+
+
+def test_base_model_as_teacher_is_a_langchain_chat_model(tiny_base):
+    from agentpeft.teacher import resolve_teacher, synthesize
+
+    teacher = resolve_teacher("base", _recipe(tiny_base))
+    assert isinstance(teacher, BaseChatModel)
+    # A random-init model writes no usable JSON: its replies are counted, never trusted.
+    pairs = synthesize(teacher, _teacher_docs()[:1])
+    assert all(grounded(p.answer, HUB) for p in pairs)
