@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 _API = {
     "build": "agentpeft.pipeline.build",
     "train": "agentpeft.pipeline.build:train_recipe",
+    "make_dataset": "agentpeft.pipeline.dataset",
     "evaluate_model": "agentpeft.pipeline.evaluate",
     "pull_model": "agentpeft.models",
     "list_models": "agentpeft.registry",

@@ -106,6 +106,32 @@ def train(recipe, kb, name, base, resume, quiet, **train):
     click.echo(f"adapter: {result.train.adapter_dir}")
 
 
+@cli.command()
+@click.argument("recipe")
+@click.option("--kb", type=click.Path(), help="Knowledge-base folder or file (default: the recipe's own).")
+@click.option("--out", type=click.Path(file_okay=False), help="Output folder (default: ./RECIPE-data).")
+@click.option("--base", help="Base model whose tokenizer measures lengths: an alias, a local folder or a hub id.")
+@click.option("--teacher", help="Teacher chat model for the teacher generator (added to the mix) and paraphrases: "
+                                "a registered model, 'base', or provider:model such as openai:gpt-4o-mini.")
+@click.option("--preview", type=int, default=3, show_default=True, help="Print N sample training pairs.")
+@click.option("--no-cache", is_flag=True, help="Rebuild even if an identical dataset is cached.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def data(recipe, kb, out, base, teacher, preview, no_cache, quiet):
+    """Run only ingest and the dataset stage of RECIPE: pairs, filters, split, card."""
+    from .pipeline.dataset import make_dataset
+    from .progress import set_enabled
+
+    set_enabled(not quiet)
+    result = make_dataset(recipe, kb=kb, out=out, base=base, teacher=teacher, cache=not no_cache, log=click.echo,
+                          on_stage=lambda stage, summary: click.echo(f"{stage}: {summary}"))
+    folder = result.path.parent
+    click.echo(f"wrote {folder} (DatasetDict in dataset/, train.jsonl, eval.jsonl, dataset_card.md, token_lengths.png)")
+    with open(folder / "train.jsonl", encoding="utf-8") as fh:
+        for _, line in zip(range(max(preview, 0)), fh):
+            row = json.loads(line)
+            click.echo(f"\nQ: {row['question']}\nA: {row['answer']}")
+
+
 @cli.group()
 def models():
     """Base models: pull and list."""

@@ -22,6 +22,11 @@ def register_generators(register):
 
 
 @hookspec
+def register_filters(register):
+    """Register instruction-pair filters: call register(Filter)."""
+
+
+@hookspec
 def register_metrics(register):
     """Register evaluation metrics: call register(Metric)."""
 

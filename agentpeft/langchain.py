@@ -63,23 +63,33 @@ def load_llm(name: str, version: int | None = None, **generation_kwargs: Any) ->
                  **generation_kwargs)
 
 
-def chat_model(spec: str, **generation_kwargs: Any) -> BaseChatModel:
+def chat_model(spec: str, base: str | None = None, **generation_kwargs: Any) -> BaseChatModel:
     """Any chat model by name: ``provider:model`` (through ``init_chat_model``), a registered model
-    (``NAME[@VERSION]``), or a base model (``base`` for the default, an alias or a local folder)."""
+    (``NAME[@VERSION]``), ``base`` (the base model ``base``, default the default one), or a base model."""
     from .errors import AgentpeftError
     from .models import load_model, load_tokenizer, resolve_base
 
+    spec = (spec or "").strip()
     provider, sep, model_name = spec.partition(":")
     if sep and provider.isidentifier() and model_name and not Path(spec).exists():
         from langchain.chat_models import init_chat_model
 
         try:
             return init_chat_model(spec, **generation_kwargs)
-        except Exception as exc:  # missing integration package, API key, unknown provider
-            raise AgentpeftError(f"cannot use chat model {spec!r}: {exc}") from None
+        except Exception as exc:  # a missing provider package or API key: a user error, said in one line
+            first = str(exc).strip().splitlines()
+            raise AgentpeftError(
+                f"chat model {spec!r} could not be created ({type(exc).__name__}: {first[0] if first else ''}); "
+                "install the provider's LangChain package (e.g. langchain-openai) and set its API key") from None
     try:
         registry.resolve(spec)
+        return load_llm(spec, **generation_kwargs)
     except AgentpeftError:
-        base = resolve_base(None if spec == "base" else spec, log=lambda s: None)
-        return _chat(load_model(base), load_tokenizer(base), spec, None, **generation_kwargs)
-    return load_llm(spec, **generation_kwargs)
+        pass
+    try:
+        folder = resolve_base(base if spec == "base" else spec, log=lambda s: None)
+    except AgentpeftError:
+        raise AgentpeftError(
+            f"{spec!r} is neither 'base', a registered model (see `agentpeft list`), a base model, nor a "
+            "provider:model string such as openai:gpt-4o-mini") from None
+    return _chat(load_model(folder), load_tokenizer(folder), f"base:{folder.name}", None, **generation_kwargs)

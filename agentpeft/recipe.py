@@ -34,6 +34,11 @@ class DataConfig(_Strict):
         if v >= info.data.get("chunk_size", 1500):
             raise ValueError(f"chunk_overlap ({v}) must be below chunk_size ({info.data.get('chunk_size')})")
         return v
+    filters: list[str] = Field([], description="extra registered filters, run after pii, dedup and length")
+    paraphrases: int = Field(0, ge=0, le=8, description="extra phrasings generated per question")
+    teacher: str | None = Field(None, description="teacher chat model: a registered name, 'base' or provider:model")
+    redact_pii: bool = False
+    dedup_threshold: float = Field(0.85, gt=0, le=1, description="MinHash Jaccard above which pairs are near-duplicates")
 
 
 class TrainConfig(_Strict):

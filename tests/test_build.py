@@ -122,7 +122,7 @@ def test_eval_command_on_registered_and_base_models(built, tiny_base, tmp_path, 
     missing = runner.invoke(cli, ["eval", "nobody-here"])
     assert missing.exit_code == 1 and "neither a registered model" in missing.output
     no_provider = runner.invoke(cli, ["eval", "support-bot", "--judge", "nosuchprovider:model", "--max-new-tokens", "2"])
-    assert no_provider.exit_code == 1 and "cannot use chat model 'nosuchprovider:model'" in no_provider.output
+    assert no_provider.exit_code == 1 and "chat model 'nosuchprovider:model' could not be created" in no_provider.output
 
 
 def test_judge_is_reported_beside_the_metrics(built, tiny_base, monkeypatch, tmp_path):

@@ -1,11 +1,11 @@
-"""Built-in generators: FAQ sections and fact bullets become question/answer pairs."""
+"""Built-in generators: FAQ sections, fact bullets, explicit Q/A documents, section text and a teacher LLM."""
 
 from __future__ import annotations
 
 import re
 
 from ..hookspecs import hookimpl
-from ..pipeline.dataset import Generator, Pair
+from ..pipeline.dataset import Generator, Pair, key_fact
 
 _BOLD = re.compile(r"\*\*(.+?)\*\*")
 _FACT = re.compile(r"^\s*[-*]\s+\*\*(.+?):\*\*\s*(.+?)\s*$")
@@ -50,7 +50,138 @@ def fact_pairs(documents):
             )
 
 
+def qa_pairs(documents):
+    """Documents that carry ``metadata["question"]`` (CSV, JSONL, YAML, MedQuAD loaders) pass through as they are."""
+    for doc in documents:
+        question = str(doc.metadata.get("question") or "").strip()
+        answer = doc.page_content.strip()
+        if not question or not answer:
+            continue
+        key = doc.metadata.get("key")
+        yield Pair(question=question, answer=answer, key=str(key).strip() if key else None,
+                   source=f"{doc.metadata.get('source', '')}:{doc.metadata.get('line', 0)}")
+
+
+_FENCE = re.compile(r"^\s*(```|~~~).*?^\s*\1\s*$", re.M | re.S)
+_LINK = re.compile(r"!?\[([^\]]*)\]\([^)]*\)")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"(])")
+_BULLET = re.compile(r"^\s*(?:[-*+]|\d+[.)])\s+")
+_COPULA = re.compile(
+    r"^(?P<subj>(?:The|Our|Your|All|Each|Every|Most|Some)\s[\w' -]{2,60}?|[A-Z][\w-]*(?:\s[A-Z][\w-]*){0,4})"
+    r"\s(?P<verb>is|are|was|were)\s(?P<pred>.+?)\.?$")
+_DEFINITE = re.compile(r"^(?:a|an|the|one|two|three|four|five|six|seven|eight|nine|ten|\d|[$€£])", re.I)
+_VERBS = (
+    (re.compile(r"^(?P<subj>.{3,60}?)\s(?P<verb>costs?|is priced at)\s(?P<obj>.+?)\.?$"), "How much {do} {subj} cost?"),
+    (re.compile(r"^(?P<subj>.{3,60}?)\s(?P<verb>lasts?)\s(?P<obj>.+?)\.?$"), "How long {do} {subj} last?"),
+    (re.compile(r"^(?P<subj>.{3,60}?)\s(?P<verb>takes?)\s(?P<obj>.*\d.*?)\.?$"), "How long {do} {subj} take?"),
+    (re.compile(r"^(?P<subj>.{3,60}?)\s(?P<verb>weighs?)\s(?P<obj>.+?)\.?$"), "How much {do} {subj} weigh?"),
+)
+_HOW_TO = (
+    (re.compile(r"^To (?P<act>[a-z][^,]{3,80}), (?P<rest>.+)$"), "How do I {act}?"),
+    (re.compile(r"^You can (?P<act>[a-z][^,]{3,80}?) by (?P<rest>.+)$"), "How can I {act}?"),
+    (re.compile(r"^If (?P<act>[^,]{3,80}), (?P<rest>.+)$"), "What should I do if {act}?"),
+)
+_DETERMINERS = ("The", "Our", "Your", "All", "Each", "Every", "Most", "Some")
+_PRONOUN = re.compile(r"^(?:it|they|this|these|that|those|he|she|we|you|i)$", re.I)
+
+
+def _plain(text: str) -> str:
+    text = _LINK.sub(r"\1", _FENCE.sub(" ", text))
+    return re.sub(r"\*\*|__|(?<!\w)[*_](?=\S)|(?<=\S)[*_](?!\w)", "", text)
+
+
+def sentences(text: str) -> list[str]:
+    """The sentences of a section's prose (code blocks dropped, each list item one sentence)."""
+    out: list[str] = []
+    for block in re.split(r"\n\s*\n", _plain(text)):
+        lines = [ln for ln in block.splitlines() if ln.strip() and not ln.lstrip().startswith(("#", "|", ">"))]
+        if not lines:
+            continue
+        if all(_BULLET.match(ln) for ln in lines):
+            out += [_BULLET.sub("", ln).strip() for ln in lines]
+            continue
+        paragraph = " ".join(_BULLET.sub("", ln).strip() for ln in lines)
+        out += [s.strip() for s in _SENTENCE_END.split(paragraph) if s.strip()]
+    return [s for s in out if len(s.split()) >= 3]
+
+
+def _subject_phrase(subj: str) -> str:
+    words = subj.split()
+    # "The hub" -> "the hub", "Firmware updates" -> "firmware updates"; "Hearth Hub" keeps its capitals.
+    if words[0] in _DETERMINERS or (len(words) > 1 and words[1].islower() and words[0][1:].islower()):
+        return subj[0].lower() + subj[1:]
+    return subj
+
+
+def _sentence_question(sentence: str) -> tuple[str, str] | None:
+    """A question the sentence answers, and the part of the sentence that holds its key fact."""
+    for pattern, template in _HOW_TO:
+        m = pattern.match(sentence)
+        if m:
+            return template.format(act=m["act"].strip()), m["rest"]
+    for pattern, template in _VERBS:
+        m = pattern.match(sentence)
+        if m and not _PRONOUN.match(m["subj"]) and any(c.isdigit() for c in m["obj"]):
+            do = "does" if m["verb"].endswith("s") else "do"
+            return template.format(subj=_subject_phrase(m["subj"]), do=do), m["obj"]
+    m = _COPULA.match(sentence)
+    if m and not _PRONOUN.match(m["subj"]) and _DEFINITE.match(m["pred"]):
+        return f"What {m['verb']} {_subject_phrase(m['subj'])}?", m["pred"]
+    return None
+
+
+def _mentions(question: str, heading: str) -> bool:
+    words = {w for w in re.findall(r"[a-z0-9]+", heading.lower()) if len(w) > 3}
+    return not words or bool(words & set(re.findall(r"[a-z0-9]+", question.lower())))
+
+
+def section_pairs(documents):
+    """Each heading with its text gives grounded pairs: an overview question and one per fact sentence.
+
+    Extractive and deterministic: every answer is a sentence (or two) of the section, and the key is
+    its first figure or its opening words. Question headings (the faq generator's) and Q/A documents
+    are left to their own generators.
+    """
+    for doc in documents:
+        heading = (doc.metadata.get("heading") or "").strip()
+        if not heading or heading.endswith("?") or doc.metadata.get("question"):
+            continue
+        said = [s for s in sentences(doc.page_content) if not re.match(r"^[\w ]{1,30}:", s)]
+        if not said:
+            continue
+        source = f"{doc.metadata.get('source', '')}:{doc.metadata.get('line', 0)}"
+        overview = said[0] if len(said[0].split()) >= 8 or len(said) == 1 else f"{said[0]} {said[1]}"
+        yield Pair(question=f"What should I know about {heading}?", answer=overview, key=key_fact(overview),
+                   source=source, paraphrases=[f"Tell me about {heading}.", f"Give me an overview of {heading}."])
+        for sentence in said:
+            found = _sentence_question(sentence)
+            if found is None:
+                continue
+            question, fact = found
+            if not _mentions(question, heading):
+                question = f"{heading}: {question[0].lower()}{question[1:]}"
+            key = key_fact(fact)
+            yield Pair(question=question, answer=sentence, key=key if key in sentence else key_fact(sentence),
+                       source=source)
+
+
+def teacher_pairs(documents, recipe):
+    """A teacher chat model writes question/answer pairs from each prose chunk; ungrounded pairs are dropped."""
+    from ..errors import AgentpeftError
+    from ..pipeline.dataset import teacher_model
+    from ..teacher import synthesize
+
+    model = teacher_model(recipe)
+    if model is None:
+        raise AgentpeftError("the teacher generator needs a teacher model: set data.teacher in the recipe or pass "
+                             "--teacher (a registered model, 'base', or provider:model such as openai:gpt-4o-mini)")
+    return synthesize(model, [d for d in documents if not d.metadata.get("question")])
+
+
 @hookimpl
 def register_generators(register):
     register(Generator("faq", faq_pairs))
     register(Generator("facts", fact_pairs))
+    register(Generator("qa", qa_pairs))
+    register(Generator("sections", section_pairs))
+    register(Generator("teacher", teacher_pairs))

@@ -11,13 +11,12 @@ from typing import Callable
 
 from .. import __version__
 from ..errors import AgentpeftError
-from ..models import base_info, home, load_tokenizer, resolve_base
+from ..models import ALIASES, base_info, home, resolve_base
 from ..recipe import Recipe, configure
 from ..progress import set_enabled
 from ..registry import check_name, publish
-from .dataset import build_dataset
+from .dataset import make_dataset
 from .evaluate import EvalResult, evaluate
-from .ingest import ingest
 from .merge import merge
 from .train import MERGEABLE, TrainResult, train
 
@@ -68,18 +67,15 @@ def build(recipe: str | Recipe, kb: str | Path | None = None, name: str | None =
         clock = now
         log(f"[{STAGES.index(stage) + 1}/{len(STAGES)}] {stage}: {summary} ({seconds[stage]:.0f}s)")
 
-    d = recipe.data
-    documents = ingest(recipe.kb_path, d.loaders, d.loader_options, d.chunk_size, d.chunk_overlap, d.strict)
-    base_dir = resolve_base(recipe.base_model, log=log)
-    done("ingest", f"{len(documents)} document sections from {recipe.kb_path}")
-
+    if recipe.base_model not in ALIASES:
+        resolve_base(recipe.base_model, log=log)  # a bad --base fails before any stage; aliases are pulled later
     previous = _dataset_hash(build_dir)
-    data = build_dataset(documents, recipe.data.generators, load_tokenizer(base_dir), recipe.system_prompt,
-                         build_dir / "data", recipe.data.train_phrasings, recipe.train.max_seq_len, recipe.data.seed)
+    # Ingest, then the dataset stage, skipped when the knowledge base and data settings are unchanged.
+    data = make_dataset(recipe, out=build_dir / "data", log=log, on_stage=done)
+    base_dir = resolve_base(recipe.base_model, log=log)
     if resume and previous and previous != data.card["hash"]:
         raise AgentpeftError(f"the knowledge base changed since the interrupted build in {build_dir}; "
                              "build again without --resume")
-    done("dataset", data.summary())
 
     trained = train(base_dir, data.path, build_dir, recipe.train, resume=resume, log=log)
     done("train", trained.summary())
