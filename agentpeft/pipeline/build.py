@@ -15,6 +15,7 @@ from ..models import base_info, home, load_tokenizer, resolve_base
 from ..recipe import Recipe, configure
 from ..progress import set_enabled
 from ..registry import check_name, publish
+from ..retrieval import KB_FILE, save_chunks
 from .dataset import build_dataset
 from .evaluate import EvalResult, evaluate
 from .ingest import ingest
@@ -49,6 +50,10 @@ def build(recipe: str | Recipe, kb: str | Path | None = None, name: str | None =
     name = check_name(name or recipe.name)
     if recipe.kb_path is None:
         raise AgentpeftError(f"recipe {recipe.name!r} has no knowledge base; pass --kb PATH")
+    if recipe.tools:
+        from ..langchain import collect_tools
+
+        collect_tools(recipe)  # an unknown tool name fails here, not after training
     stamp = datetime.now(timezone.utc)
     build_dir = (resume and _unfinished_build(name)) or home() / "builds" / name / stamp.strftime("%Y%m%dT%H%M%S")
     seconds: dict[str, float] = {}
@@ -62,6 +67,7 @@ def build(recipe: str | Recipe, kb: str | Path | None = None, name: str | None =
         log(f"[{STAGES.index(stage) + 1}/{len(STAGES)}] {stage}: {summary} ({seconds[stage]:.0f}s)")
 
     documents = ingest(recipe.kb_path, recipe.data.loaders)
+    save_chunks(documents, build_dir / KB_FILE)  # the registered model carries its knowledge base (kb_search)
     base_dir = resolve_base(recipe.base_model, log=log)
     done("ingest", f"{len(documents)} document sections from {recipe.kb_path}")
 
@@ -86,7 +92,8 @@ def build(recipe: str | Recipe, kb: str | Path | None = None, name: str | None =
 
     files = {"adapter": trained.adapter_dir, "dataset_card.md": build_dir / "data" / "dataset_card.md",
              "eval.json": build_dir / "eval" / "eval.json", "report.md": build_dir / "eval" / "report.md",
-             "loss_curve.png": build_dir / "loss_curve.png", "metrics.png": build_dir / "eval" / "metrics.png"}
+             "loss_curve.png": build_dir / "loss_curve.png", "metrics.png": build_dir / "eval" / "metrics.png",
+             KB_FILE: build_dir / KB_FILE}
     merge_info = None
     if recipe.train.method in MERGEABLE:
         merged = merge(base_dir, trained.adapter_dir, build_dir / "merged", recipe.system_prompt)
@@ -109,6 +116,7 @@ def build(recipe: str | Recipe, kb: str | Path | None = None, name: str | None =
         "system_prompt": recipe.system_prompt,
         "base_model": base_info(base_dir),
         "knowledge_base": str(recipe.kb_path),
+        "tools": list(recipe.tools),
         "dataset": data.card,
         "train": {"config": recipe.train.model_dump(), "steps": trained.steps, "final_loss": trained.final_loss,
                   "seconds": round(trained.seconds, 1), "tokens": trained.tokens,
