@@ -52,6 +52,8 @@ class SpecialistChat(ChatHuggingFace):
 
     system_prompt: str | None = None
     generation_kwargs: dict[str, Any] = Field(default_factory=dict)
+    #: Retrieval-augmented mode: question -> passages put before the last user question.
+    retrieve: Any = None
     _gen_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
 
     # BaseChatModel's own async versions run the sync ones in an executor thread.
@@ -82,6 +84,11 @@ class SpecialistChat(ChatHuggingFace):
                 out.append({"role": m.role, "content": m.text})
             else:
                 raise ValueError(f"unsupported message type {type(m).__name__}")
+        if self.retrieve is not None and out and out[-1]["role"] == "user" and isinstance(messages[-1], HumanMessage):
+            from .pipeline.raft import augment_question
+
+            question = out[-1]["content"]
+            out[-1] = {"role": "user", "content": augment_question(question, self.retrieve(question))}
         if self.system_prompt and not (out and out[0]["role"] == "system"):
             out.insert(0, {"role": "system", "content": self.system_prompt})
         if tools:
@@ -293,6 +300,13 @@ def load_llm(name: str, version: int | None = None, **generation_kwargs: Any) ->
                           model_id=ref, system_prompt=loaded.manifest.get("system_prompt"),
                           generation_kwargs=gen, max_tokens=gen["max_new_tokens"])
     chat._gen_lock = loaded.lock
+    retrieval = loaded.manifest.get("retrieval") or {}
+    if retrieval.get("enabled"):
+        from .pipeline.raft import passages_for
+        from .retrieval import KB_FILE, BM25Index, load_chunks
+
+        index = BM25Index(load_chunks(registry.resolve(ref) / KB_FILE))
+        chat.retrieve = lambda question: passages_for(index, question, retrieval["k"])
     return chat
 
 

@@ -51,12 +51,12 @@ def tiny_base(tmp_path_factory) -> Path:
     return make_tiny_base(tmp_path_factory.mktemp("tiny-base"))
 
 
-def build_tiny(tiny_base: Path, name: str, **overrides):
-    """Register the support-bot recipe trained a few steps on the tiny base, with a cheap evaluation."""
+def build_tiny(tiny_base: Path, name: str, recipe=None, **overrides):
+    """Register a recipe (support-bot by default) trained a few steps on the tiny base, with a cheap evaluation."""
     from agentpeft.pipeline.build import build
     from agentpeft.recipe import get_recipe
 
-    recipe = get_recipe("support-bot")
+    recipe = recipe or get_recipe("support-bot")
     recipe = recipe.model_copy(update={"eval": recipe.eval.model_copy(
         update={"max_new_tokens": 2, "forgetting_probe": False})})
     return build(recipe, base=str(tiny_base), name=name, allow_regression=True, show_progress=False,

@@ -310,3 +310,32 @@ def test_chat_command_with_cli_runner(reg):
     assert agent.exit_code == 0, agent.output
     missing = runner.invoke(cli, ["chat", "no-such-model"])
     assert missing.exit_code == 1 and "no model named 'no-such-model'" in missing.output
+
+
+
+# --- retrieval-augmented mode (RAFT) --------------------------------------------------------------
+def test_raft_build_trains_with_passages_and_reports_both_evaluations(tiny_base, home):
+    from datasets import load_from_disk
+
+    from agentpeft.langchain import load_llm
+    from agentpeft.recipe import RetrievalConfig, get_recipe
+    from agentpeft.registry import resolve, show
+    from conftest import build_tiny
+
+    recipe = get_recipe("support-bot")
+    recipe = recipe.model_copy(update={"retrieval": RetrievalConfig(enabled=True, k=2, distractors=1),
+                                       "train": recipe.train.model_copy(update={"max_seq_len": 512})})
+    result = build_tiny(tiny_base, "raft-bot", recipe=recipe, max_steps=1)
+    train = list(load_from_disk(str(result.build_dir / "data" / "dataset-raft"))["train"])
+    assert train and all(r["prompt"][-1]["content"].startswith("Passages:\n[1] ") for r in train)
+    # Each training prompt holds the top 2 passages plus 1 distractor; the refund fact is among them.
+    refund = next(r for r in train if "refund take" in r["question"].lower())
+    content = refund["prompt"][-1]["content"]
+    assert content.count("\n[") == 3 and "9 business days" in content  # [1], [2] and [3]
+    assert content.endswith("Question: " + refund["question"])
+    metrics = show("raft-bot")["metrics"]
+    assert set(metrics["tuned_retrieval"]) == set(metrics["tuned"]) == {"accuracy", "rouge_l"}
+    assert (resolve("raft-bot") / "eval_retrieval.json").is_file()
+    # At inference the specialist's prompt gets the top passages too.
+    prompt = load_llm("raft-bot")._to_chat_prompt([HumanMessage("How long does a refund take?")])
+    assert "Passages:\n[1] " in prompt and "9 business days" in prompt

@@ -79,7 +79,13 @@ def build(recipe: str | Recipe, kb: str | Path | None = None, name: str | None =
                              "build again without --resume")
     done("dataset", data.summary())
 
-    trained = train(base_dir, data.path, build_dir, recipe.train, resume=resume, log=log)
+    train_data = data.path
+    if recipe.retrieval.enabled:
+        from .raft import augment_dataset
+
+        train_data = augment_dataset(data.path, documents, load_tokenizer(base_dir), recipe.retrieval.k,
+                                     recipe.retrieval.distractors, recipe.train.max_seq_len, recipe.data.seed)
+    trained = train(base_dir, train_data, build_dir, recipe.train, resume=resume, log=log)
     done("train", trained.summary())
 
     from datasets import load_from_disk
@@ -88,12 +94,22 @@ def build(recipe: str | Recipe, kb: str | Path | None = None, name: str | None =
     result = evaluate(base_dir, trained.adapter_dir, eval_rows, recipe.eval.metrics, recipe.eval.primary,
                       build_dir / "eval", recipe.system_prompt, recipe.eval.max_new_tokens, recipe.eval.batch_size,
                       probe=recipe.eval.forgetting_probe)
-    done("evaluate", result.summary())
+    retrieval_figures, extra_files = None, {}
+    if recipe.retrieval.enabled:
+        from .raft import evaluate_with_retrieval
+
+        retrieval_figures = evaluate_with_retrieval(
+            base_dir, trained.adapter_dir, eval_rows, documents, recipe.eval.metrics, recipe.system_prompt,
+            recipe.retrieval.k, recipe.eval.max_new_tokens, recipe.eval.batch_size, build_dir / "eval")
+        extra_files["eval_retrieval.json"] = build_dir / "eval" / "eval_retrieval.json"
+    done("evaluate", result.summary() + (
+        "; tuned + retrieval: " + ", ".join(f"{k} {v:.3f}" for k, v in retrieval_figures.items())
+        if retrieval_figures else ""))
 
     files = {"adapter": trained.adapter_dir, "dataset_card.md": build_dir / "data" / "dataset_card.md",
              "eval.json": build_dir / "eval" / "eval.json", "report.md": build_dir / "eval" / "report.md",
              "loss_curve.png": build_dir / "loss_curve.png", "metrics.png": build_dir / "eval" / "metrics.png",
-             KB_FILE: build_dir / KB_FILE}
+             KB_FILE: build_dir / KB_FILE, **extra_files}
     merge_info = None
     if recipe.train.method in MERGEABLE:
         merged = merge(base_dir, trained.adapter_dir, build_dir / "merged", recipe.system_prompt)
@@ -122,7 +138,9 @@ def build(recipe: str | Recipe, kb: str | Path | None = None, name: str | None =
                   "seconds": round(trained.seconds, 1), "tokens": trained.tokens,
                   "trainable_params": trained.trainable_params, "all_params": trained.all_params},
         "metrics": {"primary": result.primary, "base": result.base, "tuned": result.tuned,
-                    "forgetting": result.forgetting},
+                    "forgetting": result.forgetting,
+                    **({"tuned_retrieval": retrieval_figures} if retrieval_figures else {})},
+        "retrieval": recipe.retrieval.model_dump(),
         "merge": merge_info,
         "allow_regression": bool(allow_regression and not result.improved),
         "created": stamp.isoformat(timespec="seconds"),
