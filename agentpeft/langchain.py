@@ -137,8 +137,8 @@ class SpecialistChat(ChatHuggingFace):
         out_tokens = self.count_tokens(text)
         finish = ("tool_calls" if calls else
                   "length" if out_tokens >= gen.get("max_new_tokens", 1 << 30) else "stop")
-        usage = {"input_tokens": self.count_tokens(prompt), "output_tokens": out_tokens,
-                 "total_tokens": self.count_tokens(prompt) + out_tokens}
+        in_tokens = self.count_tokens(prompt)
+        usage = {"input_tokens": in_tokens, "output_tokens": out_tokens, "total_tokens": in_tokens + out_tokens}
         return content, calls, invalid, {"finish_reason": finish, "usage": usage}
 
     # --- generation -------------------------------------------------------------------------------
