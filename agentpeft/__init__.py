@@ -21,6 +21,8 @@ _API = {
     "get_recipes": "agentpeft.recipe",
     "write_report": "agentpeft.report",
     "load_llm": "agentpeft.langchain",
+    "get_tools": "agentpeft.langchain",
+    "create_agent": "agentpeft.langchain",
 }
 __all__ = ["__version__", *_API]
 

@@ -273,5 +273,40 @@ def plugins(as_json):
     _emit({"plugins": rows, "failed": failed_plugins}, as_json, text)
 
 
+@cli.command()
+@click.argument("ref")
+@click.option("--agent", is_flag=True, help="Let the model call its tools itself (needs a model that can; "
+              "otherwise run them with /TOOL commands).")
+@click.option("--max-new-tokens", type=int, default=256, show_default=True)
+def chat(ref, agent, max_new_tokens):
+    """Chat with a registered model (NAME[@VERSION]) in the terminal, with its recipe's tools."""
+    from .chat import chat as run_chat
+
+    def prompt() -> str:
+        try:
+            return click.prompt("you", prompt_suffix="> ", default="", show_default=False)
+        except click.exceptions.Abort:
+            raise EOFError from None
+
+    def write(text: str) -> None:
+        click.echo(text, nl=False)
+        sys.stdout.flush()
+
+    run_chat(ref, prompt, write, agent=agent, max_new_tokens=max_new_tokens)
+
+
+@cli.command()
+@click.argument("ref")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (localhost only by default).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port (0: any free port).")
+def serve(ref, host, port):
+    """Serve a registered model (NAME[@VERSION]) over an OpenAI-compatible HTTP API (/v1/chat/completions)."""
+    from .registry import parse_ref
+    from .serve import serve as run_server
+
+    name, version = parse_ref(ref)
+    run_server(name, host, port, version, log=click.echo)
+
+
 load_plugins()
 pm.hook.register_commands(cli=cli)

@@ -32,5 +32,10 @@ def register_metrics(register):
 
 
 @hookspec
+def register_tools(register, recipe, model):
+    """Register LangChain tools for a recipe (or None) and registered model ref (or None): call register(BaseTool)."""
+
+
+@hookspec
 def register_commands(cli):
     """Register extra CLI commands on the click group."""

@@ -17,6 +17,7 @@ DEFAULT_PLUGINS = (
     "agentpeft.default_plugins.generators",
     "agentpeft.default_plugins.filters",
     "agentpeft.default_plugins.metrics",
+    "agentpeft.default_plugins.tools",
 )
 
 pm = pluggy.PluginManager("agentpeft")

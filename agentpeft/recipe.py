@@ -82,6 +82,14 @@ class EvalConfig(_Strict):
         return v
 
 
+class RetrievalConfig(_Strict):
+    """Retrieval-augmented mode: top kb_search passages in the prompt, trained RAFT-style."""
+
+    enabled: bool = False
+    k: int = Field(3, ge=1, le=20, description="passages put into each prompt")
+    distractors: int = Field(2, ge=0, le=20, description="unrelated passages mixed into each training prompt")
+
+
 class Recipe(_Strict):
     """A recipe: knowledge base, data mix, PEFT setup and metrics, as data."""
 
@@ -93,6 +101,8 @@ class Recipe(_Strict):
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    tools: list[str] = Field([], description="tools the registered model gets (kb_search, create_ticket, ...)")
+    retrieval: RetrievalConfig = RetrievalConfig()
     #: Folder of the recipe file; a relative knowledge_base resolves against it.
     root: Path | None = Field(None, exclude=True)
 

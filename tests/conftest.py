@@ -49,3 +49,27 @@ def make_tiny_base(folder: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
     return make_tiny_base(tmp_path_factory.mktemp("tiny-base"))
+
+
+def build_tiny(tiny_base: Path, name: str, recipe=None, **overrides):
+    """Register a recipe (support-bot by default) trained a few steps on the tiny base, with a cheap evaluation."""
+    from agentpeft.pipeline.build import build
+    from agentpeft.recipe import get_recipe
+
+    recipe = recipe or get_recipe("support-bot")
+    recipe = recipe.model_copy(update={"eval": recipe.eval.model_copy(
+        update={"max_new_tokens": 2, "forgetting_probe": False})})
+    return build(recipe, base=str(tiny_base), name=name, allow_regression=True, show_progress=False,
+                 log=lambda s: None, **overrides)
+
+
+@pytest.fixture(scope="session")
+def registered(tiny_base, tmp_path_factory):
+    """A registry (AGENTPEFT_HOME) holding support-bot@1, a QLoRA build merged, and prompt-bot@1, prompt tuning."""
+    home = tmp_path_factory.mktemp("registered-home")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("AGENTPEFT_HOME", str(home))
+    merged = build_tiny(tiny_base, "support-bot", max_steps=2)
+    prompt = build_tiny(tiny_base, "prompt-bot", max_steps=1, method="prompt", virtual_tokens=4)
+    mp.undo()
+    return {"home": home, "merged": merged, "prompt": prompt}

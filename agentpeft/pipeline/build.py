@@ -11,10 +11,11 @@ from typing import Callable
 
 from .. import __version__
 from ..errors import AgentpeftError
-from ..models import ALIASES, base_info, home, resolve_base
+from ..models import ALIASES, base_info, home, load_tokenizer, resolve_base
 from ..recipe import Recipe, configure
 from ..progress import set_enabled
 from ..registry import check_name, publish
+from ..retrieval import KB_FILE, save_chunks
 from .dataset import make_dataset
 from .evaluate import EvalResult, evaluate
 from .merge import merge
@@ -55,6 +56,10 @@ def build(recipe: str | Recipe, kb: str | Path | None = None, name: str | None =
     name = check_name(name or recipe.name)
     if recipe.kb_path is None:
         raise AgentpeftError(f"recipe {recipe.name!r} has no knowledge base; pass --kb PATH")
+    if recipe.tools:
+        from ..langchain import collect_tools
+
+        collect_tools(recipe)  # an unknown tool name fails here, not after training
     stamp = datetime.now(timezone.utc)
     build_dir = (resume and _unfinished_build(name)) or home() / "builds" / name / stamp.strftime("%Y%m%dT%H%M%S")
     seconds: dict[str, float] = {}
@@ -73,11 +78,19 @@ def build(recipe: str | Recipe, kb: str | Path | None = None, name: str | None =
     # Ingest, then the dataset stage, skipped when the knowledge base and data settings are unchanged.
     data = make_dataset(recipe, out=build_dir / "data", log=log, on_stage=done)
     base_dir = resolve_base(recipe.base_model, log=log)
+    documents = data.documents
+    save_chunks(documents, build_dir / KB_FILE)  # the registered model carries its knowledge base (kb_search)
     if resume and previous and previous != data.card["hash"]:
         raise AgentpeftError(f"the knowledge base changed since the interrupted build in {build_dir}; "
                              "build again without --resume")
 
-    trained = train(base_dir, data.path, build_dir, recipe.train, resume=resume, log=log)
+    train_data = data.path
+    if recipe.retrieval.enabled:
+        from .raft import augment_dataset
+
+        train_data = augment_dataset(data.path, documents, load_tokenizer(base_dir), recipe.retrieval.k,
+                                     recipe.retrieval.distractors, recipe.train.max_seq_len, recipe.data.seed)
+    trained = train(base_dir, train_data, build_dir, recipe.train, resume=resume, log=log)
     done("train", trained.summary())
     if until == "train":
         return BuildResult(name, None, None, None, build_dir, seconds, trained)
@@ -88,11 +101,22 @@ def build(recipe: str | Recipe, kb: str | Path | None = None, name: str | None =
     result = evaluate(base_dir, trained.adapter_dir, eval_rows, recipe.eval.metrics, recipe.eval.primary,
                       build_dir / "eval", recipe.system_prompt, recipe.eval.max_new_tokens, recipe.eval.batch_size,
                       probe=recipe.eval.forgetting_probe, judge=judge)
-    done("evaluate", result.summary())
+    retrieval_figures, extra_files = None, {}
+    if recipe.retrieval.enabled:
+        from .raft import evaluate_with_retrieval
+
+        retrieval_figures = evaluate_with_retrieval(
+            base_dir, trained.adapter_dir, eval_rows, documents, recipe.eval.metrics, recipe.system_prompt,
+            recipe.retrieval.k, recipe.eval.max_new_tokens, recipe.eval.batch_size, build_dir / "eval")
+        extra_files["eval_retrieval.json"] = build_dir / "eval" / "eval_retrieval.json"
+    done("evaluate", result.summary() + (
+        "; tuned + retrieval: " + ", ".join(f"{k} {v:.3f}" for k, v in retrieval_figures.items())
+        if retrieval_figures else ""))
 
     files = {"adapter": trained.adapter_dir, "dataset_card.md": build_dir / "data" / "dataset_card.md",
              "eval.json": build_dir / "eval" / "eval.json", "report.md": build_dir / "eval" / "report.md",
-             "loss_curve.png": build_dir / "loss_curve.png", "metrics.png": build_dir / "eval" / "metrics.png"}
+             "loss_curve.png": build_dir / "loss_curve.png", "metrics.png": build_dir / "eval" / "metrics.png",
+             KB_FILE: build_dir / KB_FILE, **extra_files}
     merge_info = None
     if recipe.train.method in MERGEABLE:
         merged = merge(base_dir, trained.adapter_dir, build_dir / "merged", recipe.system_prompt)
@@ -115,12 +139,15 @@ def build(recipe: str | Recipe, kb: str | Path | None = None, name: str | None =
         "system_prompt": recipe.system_prompt,
         "base_model": base_info(base_dir),
         "knowledge_base": str(recipe.kb_path),
+        "tools": list(recipe.tools),
         "dataset": data.card,
         "train": {"config": recipe.train.model_dump(), "steps": trained.steps, "final_loss": trained.final_loss,
                   "seconds": round(trained.seconds, 1), "tokens": trained.tokens,
                   "trainable_params": trained.trainable_params, "all_params": trained.all_params},
         "metrics": {"primary": result.primary, "base": result.base, "tuned": result.tuned,
-                    "forgetting": result.forgetting, "judge": result.judge},
+                    "forgetting": result.forgetting, "judge": result.judge,
+                    **({"tuned_retrieval": retrieval_figures} if retrieval_figures else {})},
+        "retrieval": recipe.retrieval.model_dump(),
         "merge": merge_info,
         "allow_regression": bool(allow_regression and not result.improved),
         "created": stamp.isoformat(timespec="seconds"),

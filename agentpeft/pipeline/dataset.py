@@ -288,6 +288,8 @@ class DatasetResult:
     path: Path
     card: dict
     cached: bool = False
+    #: The ingested knowledge base (for retrieval); set by ``make_dataset``.
+    documents: list[Document] = field(default_factory=list, repr=False)
 
     def summary(self) -> str:
         c = self.card
@@ -650,13 +652,15 @@ def make_dataset(recipe: "str | Recipe", kb: str | Path | None = None, out: str 
     cached = cache_dir() / key if key else None
     if cache and cached is not None and (cached / "dataset_card.json").is_file():
         _copy_dir(cached, out_dir)
-        result = DatasetResult(out_dir / "dataset", json.loads((out_dir / "dataset_card.json").read_text()), True)
+        result = DatasetResult(out_dir / "dataset", json.loads((out_dir / "dataset_card.json").read_text()), True,
+                               documents)
         report("dataset", f"{result.summary()} (knowledge base and settings unchanged, hash {key[:12]})")
         return result
 
     result = build_dataset(documents, recipe.data.generators, load_tokenizer(base_dir), recipe.system_prompt,
                            out_dir, recipe.data.train_phrasings, recipe.train.max_seq_len, recipe.data.seed,
                            recipe=recipe, teacher=teacher if model_object else None)
+    result.documents = documents
     if cached is not None:
         _store(out_dir, cached)
     report("dataset", result.summary())

@@ -1,0 +1,105 @@
+"""``agentpeft chat``: a terminal chat with a registered model, streamed, with its recipe's tools."""
+
+from __future__ import annotations
+
+import json
+from typing import Callable
+
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage, ToolMessage
+from langchain_core.tools import BaseTool
+
+from .errors import AgentpeftError
+
+HELP = ("/tools lists the tools; /TOOL ARGS runs one (ARGS: JSON, or text for its first field); "
+        "/reset forgets the conversation; /exit (or Ctrl-D) quits.")
+
+
+def tool_arguments(tool: BaseTool, text: str) -> dict:
+    """A tool's arguments from a command line: a JSON object, or plain text for its first required field."""
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            args = json.loads(text)
+        except ValueError as exc:
+            raise AgentpeftError(f"the arguments are not valid JSON ({exc}); e.g. /{tool.name} {{...}}") from None
+        if not isinstance(args, dict):
+            raise AgentpeftError("the arguments must be a JSON object")
+        return args
+    fields = tool.args_schema.model_json_schema() if tool.args_schema else {}
+    required = fields.get("required") or list(fields.get("properties") or {})
+    if not required:
+        return {}
+    return {required[0]: text}
+
+
+def run_tool_command(tools: dict[str, BaseTool], line: str) -> str:
+    """Run ``/TOOL ARGS`` and return the tool's output (errors as text)."""
+    name, _, rest = line[1:].partition(" ")
+    if name not in tools:
+        raise AgentpeftError(f"no tool {name!r}; tools: {', '.join(tools) or 'none'}")
+    return str(tools[name].invoke(tool_arguments(tools[name], rest)))
+
+
+def chat(name: str, prompt: Callable[[], str], write: Callable[[str], None], agent: bool = False,
+         max_new_tokens: int = 256) -> None:
+    """The chat loop: ``prompt()`` reads a line (EOFError ends), ``write`` prints without a newline.
+
+    Replies stream token by token. With ``agent`` the model may call the tools itself (a LangChain
+    agent with the specialist as its model); otherwise tools run on ``/TOOL ARGS`` commands.
+    """
+    from .langchain import ask_tool_name, create_agent, get_tools, load_llm
+
+    llm = load_llm(name, max_new_tokens=max_new_tokens)
+    tools = {t.name: t for t in get_tools(name) if t.name != ask_tool_name(llm.model_id)}
+    runner = create_agent(name, tools=list(tools)) if agent else None
+    write(f"Chatting with {llm.model_id}. Tools: {', '.join(tools) or 'none'}. {HELP}\n")
+    history: list[BaseMessage] = []
+    while True:
+        try:
+            line = prompt().strip()
+        except (EOFError, KeyboardInterrupt):
+            write("\n")
+            return
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            return
+        if line == "/reset":
+            history.clear()
+            write("(conversation cleared)\n")
+            continue
+        if line in ("/tools", "/help"):
+            write("".join(f"  /{t.name}: {t.description}\n" for t in tools.values()) + HELP + "\n")
+            continue
+        if line.startswith("/"):
+            try:
+                write(run_tool_command(tools, line) + "\n")
+            except AgentpeftError as exc:
+                write(f"Error: {exc}\n")
+            continue
+        history.append(HumanMessage(content=line))
+        if runner is None:
+            text = ""
+            for chunk in llm.stream(history):
+                text += chunk.text
+                write(chunk.text)
+            history.append(AIMessage(content=text))
+            write("\n")
+        else:
+            history[:] = _agent_turn(runner, history, write)
+
+
+def _agent_turn(runner, history: list[BaseMessage], write: Callable[[str], None]) -> list[BaseMessage]:
+    """One user turn through the agent, streaming its tokens and tool results; the new history."""
+    final = history
+    for mode, payload in runner.stream({"messages": history}, stream_mode=["messages", "values"]):
+        if mode == "values":
+            final = payload["messages"]
+            continue
+        message, _ = payload
+        if isinstance(message, AIMessageChunk) and message.text:
+            write(message.text)
+        elif isinstance(message, ToolMessage):
+            write(f"\n[{message.name}] {message.text}\n")
+    write("\n")
+    return list(final)

@@ -1,0 +1,341 @@
+"""Registered models as LangChain chat models, their tools and agents, and `agentpeft chat`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from typing import Any, Callable
+
+import pytest
+from click.testing import CliRunner
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.outputs import ChatGeneration, ChatResult
+
+from agentpeft.cli import cli
+from agentpeft.errors import AgentpeftError
+
+
+@pytest.fixture
+def reg(registered, monkeypatch):
+    monkeypatch.setenv("AGENTPEFT_HOME", str(registered["home"]))
+    return registered
+
+
+# --- the chat model -------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["support-bot", "prompt-bot"])
+def test_invoke_stream_batch_and_ainvoke_agree(reg, name):
+    from agentpeft.langchain import load_llm
+
+    llm = load_llm(name, max_new_tokens=6)
+    question = "How long is the standard warranty?"
+    reply = llm.invoke(question)
+    assert isinstance(reply, AIMessage) and isinstance(reply.content, str)
+    assert reply.usage_metadata["output_tokens"] >= 1 and reply.usage_metadata["input_tokens"] > 10
+    chunks = list(llm.stream(question))
+    assert len([c for c in chunks if c.content]) >= 2  # token by token, not one block
+    assert "".join(c.content for c in chunks) == reply.content
+    assert [m.content for m in llm.batch([question, "Where is Brindlewick headquartered?"])] == [
+        reply.content, llm.invoke("Where is Brindlewick headquartered?").content]
+    assert asyncio.run(llm.ainvoke(question)).content == reply.content
+
+    async def astream() -> str:
+        return "".join([c.content async for c in llm.astream(question)])
+
+    assert asyncio.run(astream()) == reply.content
+
+
+def test_prompt_tuned_entry_loads_as_base_plus_adapter(reg):
+    from peft import PeftModel
+
+    from agentpeft.langchain import load_llm
+    from agentpeft.registry import resolve
+
+    assert not (resolve("prompt-bot") / "merged").exists()
+    assert isinstance(load_llm("prompt-bot").llm.pipeline.model, PeftModel)
+
+
+def test_system_prompt_cache_and_generation_settings(reg):
+    from agentpeft.langchain import load_llm
+    from agentpeft.registry import show
+
+    llm = load_llm("support-bot", max_new_tokens=4)
+    system = show("support-bot")["system_prompt"]
+    assert system in llm._to_chat_prompt([HumanMessage("hi")])
+    own = llm._to_chat_prompt([SystemMessage("Be terse."), HumanMessage("hi")])
+    assert "Be terse." in own and system not in own
+    assert load_llm("support-bot@1").llm.pipeline.model is llm.llm.pipeline.model  # loaded once per process
+    reply = llm.invoke("hi")
+    assert reply.usage_metadata["output_tokens"] <= 4
+    longer = llm.invoke("hi", max_new_tokens=9)  # per call, overriding the load-time setting
+    assert longer.usage_metadata["output_tokens"] > reply.usage_metadata["output_tokens"]
+    assert longer.response_metadata["finish_reason"] in ("length", "stop")
+    # A stop string ends generation early and is cut from the reply.
+    first = llm.invoke("hi", max_new_tokens=9).content
+    assert first  # the tiny model always says something in 9 tokens
+    stopped = llm.invoke("hi", max_new_tokens=9, stop=[first[0]])
+    assert stopped.content == "" and stopped.usage_metadata["output_tokens"] < 9
+
+
+def test_tool_messages_render_into_the_prompt(reg):
+    from agentpeft.langchain import load_llm
+
+    llm = load_llm("support-bot")
+    call = {"name": "kb_search", "args": {"query": "refund"}, "id": "c1", "type": "tool_call"}
+    messages = [HumanMessage("refund?"), AIMessage("", tool_calls=[call]),
+                ToolMessage("Refunds take 9 business days.", tool_call_id="c1")]
+    tools = [{"type": "function", "function": {"name": "kb_search", "description": "search", "parameters": {}}}]
+    prompt = llm._to_chat_prompt(messages, tools)
+    assert '<tool_call>{"name": "kb_search", "arguments": {"query": "refund"}}</tool_call>' in prompt
+    assert "<tool_response>\nRefunds take 9 business days.\n</tool_response>" in prompt
+    assert '"name": "kb_search"' in prompt.split("<|im_end|>")[0]  # tools described in the system turn
+    assert isinstance(llm.invoke(messages), AIMessage)  # a tool message last is accepted
+
+
+def test_tool_call_parsing_and_stream_holdback():
+    from agentpeft.langchain import _safe_prefix, parse_tool_calls
+
+    text, calls, invalid = parse_tool_calls(
+        'Let me check.<tool_call>{"name": "kb_search", "arguments": {"query": "refund"}}</tool_call>'
+        "<tool_call>{broken</tool_call>")
+    assert text == "Let me check."
+    assert [(c["name"], c["args"]) for c in calls] == [("kb_search", {"query": "refund"})]
+    assert len(invalid) == 1 and invalid[0]["args"] == "{broken"
+    assert parse_tool_calls("plain answer") == ("plain answer", [], [])
+    assert _safe_prefix("Answer <tool_c", ["<tool_call>"]) == "Answer "
+    assert _safe_prefix("Answer. END more", ["END"]) == "Answer. "
+    assert _safe_prefix("Answer <b>", ["<tool_call>"]) == "Answer <b>"
+
+
+# --- tools ----------------------------------------------------------------------------------------
+def test_registered_model_carries_its_kb_and_tools(reg):
+    from agentpeft.langchain import get_tools
+    from agentpeft.registry import resolve, show
+
+    assert (resolve("support-bot") / "kb.jsonl").is_file()
+    assert show("support-bot")["tools"] == ["kb_search", "create_ticket"]
+    tools = get_tools("support-bot")
+    assert [t.name for t in tools] == ["kb_search", "create_ticket", "ask_support-bot"]
+    schemas = {t.name: set(t.args_schema.model_json_schema()["properties"]) for t in tools}
+    assert schemas == {"kb_search": {"query", "k"}, "create_ticket": {"email", "subject", "body"},
+                       "ask_support-bot": {"question"}}
+
+
+def test_kb_search_returns_the_right_passage(reg):
+    from agentpeft.langchain import get_tools
+
+    kb_search = {t.name: t for t in get_tools("support-bot")}["kb_search"]
+    found = kb_search.invoke({"query": "how long does a refund take", "k": 2})
+    first = found.split("\n\n")[0]
+    assert first.startswith("[1] (policies.md:11)") and "9 business days" in first
+    assert "18 months" in kb_search.invoke({"query": "refurbished lamp warranty", "k": 1})
+    assert "No passage" in kb_search.invoke({"query": "zzzqqq"})
+    assert "invalid arguments: k" in kb_search.invoke({"query": "refund", "k": 0})
+
+
+def test_kb_search_survives_a_moved_knowledge_base(reg, tmp_path):
+    """The chunks come from the registry entry, not from the recipe folder the model was built from."""
+    from agentpeft.default_plugins.tools import kb_search_tool
+    from agentpeft.recipe import get_recipe
+
+    moved = get_recipe("support-bot").model_copy(update={"knowledge_base": tmp_path / "gone"})
+    assert "9 business days" in kb_search_tool(moved, "support-bot@1").invoke({"query": "refund take"})
+
+
+def test_create_ticket_stores_text_verbatim_through_parameters(reg):
+    from agentpeft.langchain import get_tools
+    from agentpeft.tickets import get_ticket, list_tickets, tickets_path
+
+    create = {t.name: t for t in get_tools("support-bot")}["create_ticket"]
+    body = "My lamp flickers'); DROP TABLE tickets; -- and \"quotes\" stay; 1 OR 1=1"
+    reply = create.invoke({"email": "ana@example.com", "subject": "Flicker'; DELETE FROM tickets", "body": body})
+    ticket_id = int(reply.split("#")[1].split()[0])
+    row = get_ticket(ticket_id)
+    assert row["body"] == body and row["subject"] == "Flicker'; DELETE FROM tickets"
+    assert row["email"] == "ana@example.com" and row["model"] == "support-bot@1" and row["status"] == "open"
+    with sqlite3.connect(tickets_path()) as conn:  # read back independently of the store's own code
+        assert conn.execute("SELECT body FROM tickets WHERE id = ?", (ticket_id,)).fetchone() == (body,)
+    before = len(list_tickets())
+    for bad, field in [({"email": "not-an-email", "subject": "Hello", "body": "long enough body"}, "email"),
+                       ({"email": "a@b.co", "subject": "x", "body": "long enough body"}, "subject"),
+                       ({"email": "a@b.co", "subject": "two\nlines", "body": "long enough body"}, "subject"),
+                       ({"email": "a@b.co", "subject": "Hello", "body": "short"}, "body")]:
+        assert f"invalid arguments: {field}" in create.invoke(bad)
+    assert len(list_tickets()) == before  # nothing half-written
+
+
+def test_recipe_tools_list_selects_tools_and_names_unknown_ones(reg):
+    from agentpeft.langchain import collect_tools
+    from agentpeft.recipe import get_recipe
+
+    recipe = get_recipe("support-bot")
+    assert [t.name for t in collect_tools(recipe.model_copy(update={"tools": ["create_ticket"]}))] == ["create_ticket"]
+    assert [t.name for t in collect_tools(recipe.model_copy(update={"tools": []}), "support-bot@1")] == [
+        "ask_support-bot"]
+    with pytest.raises(AgentpeftError, match=r"unknown tool\(s\) nope; registered tools: create_ticket, kb_search"):
+        collect_tools(recipe.model_copy(update={"tools": ["nope"]}))
+
+
+def test_plugin_tool_through_the_hook(reg):
+    from langchain_core.tools import tool
+
+    from agentpeft.hookspecs import hookimpl
+    from agentpeft.langchain import collect_tools
+    from agentpeft.plugins import load_plugins, pm
+    from agentpeft.recipe import get_recipe
+
+    @tool
+    def shout(text: str) -> str:
+        """Upper-case the text."""
+        return text.upper()
+
+    class Plugin:
+        @hookimpl
+        def register_tools(self, register, recipe):  # a plugin may leave out the model argument
+            if recipe is not None and recipe.name == "support-bot":
+                register(shout)
+
+    load_plugins()
+    pm.register(Plugin(), "test-shout")
+    try:
+        recipe = get_recipe("support-bot").model_copy(update={"tools": ["shout", "kb_search"]})
+        tools = collect_tools(recipe)
+        assert [t.name for t in tools] == ["shout", "kb_search"] and tools[0].invoke({"text": "hi"}) == "HI"
+    finally:
+        pm.unregister(name="test-shout")
+
+
+def test_unknown_recipe_tool_fails_before_training(tiny_base, home):
+    from agentpeft.pipeline.build import build
+    from agentpeft.recipe import get_recipe
+
+    recipe = get_recipe("support-bot").model_copy(update={"tools": ["kb_search", "nope"]})
+    with pytest.raises(AgentpeftError, match="unknown tool"):
+        build(recipe, base=str(tiny_base), show_progress=False, log=lambda s: None)
+    assert not (home / "builds").exists()
+
+
+# --- agents ---------------------------------------------------------------------------------------
+class ScriptedChat(BaseChatModel):
+    """Stands in for a tool-calling orchestrator: each step looks at the messages so far and answers."""
+
+    steps: list[Callable[[list], AIMessage]]
+    seen_tools: list[str] = []
+
+    @property
+    def _llm_type(self) -> str:
+        return "scripted"
+
+    def bind_tools(self, tools, **kwargs: Any):
+        self.seen_tools = [t.name for t in tools]
+        return self
+
+    def _generate(self, messages, stop=None, run_manager=None, **kwargs) -> ChatResult:
+        done = sum(isinstance(m, AIMessage) for m in messages)
+        return ChatResult(generations=[ChatGeneration(message=self.steps[done](messages))])
+
+
+def _call(name: str, args: dict, call_id: str) -> Callable[[list], AIMessage]:
+    return lambda messages: AIMessage("", tool_calls=[{"name": name, "args": args, "id": call_id, "type": "tool_call"}])
+
+
+def test_agent_loop_with_orchestrator_delegating_to_the_real_specialist_and_tools(reg):
+    from agentpeft.langchain import create_agent, load_llm
+    from agentpeft.tickets import get_ticket
+
+    question = "How long does a refund take?"
+    orchestrator = ScriptedChat(steps=[
+        _call("kb_search", {"query": "how long does a refund take"}, "c1"),
+        _call("ask_support-bot", {"question": question}, "c2"),
+        _call("create_ticket", {"email": "bo@example.com", "subject": "Refund status",
+                                "body": "Customer asks how long a refund takes."}, "c3"),
+        lambda messages: AIMessage("Done: " + " | ".join(m.text for m in messages if isinstance(m, ToolMessage))),
+    ])
+    agent = create_agent("support-bot", model=orchestrator)
+    result = agent.invoke({"messages": [HumanMessage(question)]})
+    assert orchestrator.seen_tools == ["kb_search", "create_ticket", "ask_support-bot"]
+    tool_messages = {m.name: m.text for m in result["messages"] if isinstance(m, ToolMessage)}
+    assert "9 business days" in tool_messages["kb_search"]
+    # The specialist answered for real: the same greedy reply as asking it directly.
+    assert tool_messages["ask_support-bot"] == load_llm("support-bot").invoke(question).text
+    ticket_id = int(tool_messages["create_ticket"].split("#")[1].split()[0])
+    assert get_ticket(ticket_id)["subject"] == "Refund status"
+    final = result["messages"][-1]
+    assert isinstance(final, AIMessage) and final.text.startswith("Done:") and f"#{ticket_id}" in final.text
+
+
+def test_agent_with_the_specialist_as_its_model(reg):
+    from agentpeft.langchain import create_agent
+
+    agent = create_agent("support-bot", tools=["kb_search"])
+    result = agent.invoke({"messages": [HumanMessage("How long is the standard warranty?")]})
+    final = result["messages"][-1]
+    assert isinstance(final, AIMessage) and final.response_metadata.get("model_name") == "support-bot@1"
+    with pytest.raises(AgentpeftError, match="has no tool 'nope'"):
+        create_agent("support-bot", tools=["nope"])
+
+
+# --- chat -----------------------------------------------------------------------------------------
+def test_chat_streams_replies_and_runs_tools(reg):
+    from agentpeft.chat import chat
+    from agentpeft.tickets import list_tickets
+
+    lines = iter(["How long is the standard warranty?", "/tools", "/kb_search refurbished warranty",
+                  '/create_ticket {"email": "cy@example.com", "subject": "Broken lamp", "body": "It will not turn on."}',
+                  "/create_ticket {oops", "/nope x", "/exit", "never read"])
+    writes: list[str] = []
+
+    def prompt() -> str:
+        writes.append("<prompt>")
+        return next(lines)
+
+    chat("support-bot", prompt, writes.append, max_new_tokens=6)
+    out = "".join(w for w in writes if w != "<prompt>")
+    assert out.startswith("Chatting with support-bot@1. Tools: kb_search, create_ticket.")
+    reply_writes = writes[writes.index("<prompt>") + 1: writes.index("<prompt>", writes.index("<prompt>") + 1)]
+    assert len([w for w in reply_writes if w.strip() or w == "\n"]) >= 3  # streamed in pieces
+    assert "18 months" in out and "/create_ticket:" in out
+    assert f"Ticket #{list_tickets()[-1]['id']} created for cy@example.com." in out
+    assert "Error: the arguments are not valid JSON" in out and "Error: no tool 'nope'" in out
+
+
+def test_chat_command_with_cli_runner(reg):
+    runner = CliRunner()
+    result = runner.invoke(cli, ["chat", "support-bot", "--max-new-tokens", "4"],
+                           input="hello\n/kb_search how long does a refund take\n")
+    assert result.exit_code == 0, result.output
+    assert "9 business days" in result.output
+    agent = runner.invoke(cli, ["chat", "support-bot", "--agent", "--max-new-tokens", "4"], input="hello\n/exit\n")
+    assert agent.exit_code == 0, agent.output
+    missing = runner.invoke(cli, ["chat", "no-such-model"])
+    assert missing.exit_code == 1 and "no model named 'no-such-model'" in missing.output
+
+
+
+# --- retrieval-augmented mode (RAFT) --------------------------------------------------------------
+def test_raft_build_trains_with_passages_and_reports_both_evaluations(tiny_base, home):
+    from datasets import load_from_disk
+
+    from agentpeft.langchain import load_llm
+    from agentpeft.recipe import RetrievalConfig, get_recipe
+    from agentpeft.registry import resolve, show
+    from conftest import build_tiny
+
+    recipe = get_recipe("support-bot")
+    recipe = recipe.model_copy(update={"retrieval": RetrievalConfig(enabled=True, k=2, distractors=1),
+                                       "train": recipe.train.model_copy(update={"max_seq_len": 512})})
+    result = build_tiny(tiny_base, "raft-bot", recipe=recipe, max_steps=1)
+    train = list(load_from_disk(str(result.build_dir / "data" / "dataset-raft"))["train"])
+    assert train and all(r["prompt"][-1]["content"].startswith("Passages:\n[1] ") for r in train)
+    # Each training prompt holds the top 2 passages plus 1 distractor; the refund fact is among them.
+    refund = next(r for r in train if "refund take" in r["question"].lower())
+    content = refund["prompt"][-1]["content"]
+    assert content.count("\n[") == 3 and "9 business days" in content  # [1], [2] and [3]
+    assert content.endswith("Question: " + refund["question"])
+    metrics = show("raft-bot")["metrics"]
+    assert set(metrics["tuned_retrieval"]) == set(metrics["tuned"]) == {"accuracy", "rouge_l"}
+    assert (resolve("raft-bot") / "eval_retrieval.json").is_file()
+    # At inference the specialist's prompt gets the top passages too.
+    prompt = load_llm("raft-bot")._to_chat_prompt([HumanMessage("How long does a refund take?")])
+    assert "Passages:\n[1] " in prompt and "9 business days" in prompt
