@@ -9,7 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import AgentpeftError
-from .plugins import collect
+from .plugins import collect_by_plugin, package_of
 
 
 class _Strict(BaseModel):
@@ -23,6 +23,8 @@ class DataConfig(_Strict):
     generators: list[str] = ["faq", "facts"]
     train_phrasings: int = Field(4, ge=1, le=8, description="question phrasings per fact in train")
     seed: int = 0
+    filters: list[str] = []
+    redact_pii: bool = False
 
 
 class TrainConfig(_Strict):
@@ -77,6 +79,7 @@ class Recipe(_Strict):
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    tools: list[str] = []
     #: Folder of the recipe file; a relative knowledge_base resolves against it.
     root: Path | None = Field(None, exclude=True)
 
@@ -110,10 +113,16 @@ class Recipe(_Strict):
 
 def get_recipes() -> dict[str, Recipe]:
     """All registered recipes by name (built-in and from plugins)."""
-    recipes: dict[str, Recipe] = {}
-    for item in collect("register_recipes"):
+    return {name: recipe for name, (recipe, _) in recipe_sources().items()}
+
+
+def recipe_sources() -> dict[str, tuple[Recipe, str]]:
+    """Every registered recipe by name, with the package that registered it ("agentpeft (built-in)" or
+    the plugin's distribution); when two register the same name, the first one called wins."""
+    recipes: dict[str, tuple[Recipe, str]] = {}
+    for plugin_name, item in collect_by_plugin("register_recipes"):
         recipe = item if isinstance(item, Recipe) else Recipe.from_file(item)
-        recipes.setdefault(recipe.name, recipe)
+        recipes.setdefault(recipe.name, (recipe, package_of(plugin_name)))
     return recipes
 
 
