@@ -15,6 +15,8 @@ DEFAULT_PLUGINS = (
     "agentpeft.default_plugins.loaders",
     "agentpeft.default_plugins.generators",
     "agentpeft.default_plugins.metrics",
+    "agentpeft.default_plugins.medical",
+    "agentpeft.default_plugins.tech_docs",
 )
 
 pm = pluggy.PluginManager("agentpeft")
