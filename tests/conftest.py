@@ -26,3 +26,30 @@ def make_tiny_base(folder: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
     return make_tiny_base(tmp_path_factory.mktemp("tiny-base"))
+
+
+@pytest.fixture
+def install_plugin(monkeypatch):
+    """Register a plugin module the way its ``agentpeft`` entry point would: install(module, name, dist)."""
+    from types import SimpleNamespace
+
+    from agentpeft import plugins
+
+    added: list[str] = []
+    packages = dict(plugins.plugin_packages)
+
+    def install(module, name: str, dist: str | None = None, version: str = "0.1.0") -> None:
+        if plugins.pm.has_plugin(name):  # already installed for real (CI pip-installs the example plugins)
+            return
+        ep = SimpleNamespace(name=name, load=lambda: module,
+                             dist=SimpleNamespace(name=dist, version=version) if dist else None)
+        monkeypatch.setattr(plugins, "entry_points", lambda group: [ep])
+        monkeypatch.setattr(plugins, "_loaded", False)
+        plugins.load_plugins()
+        added.append(name)
+
+    yield install
+    for name in added:
+        plugins.pm.unregister(name=name)
+    plugins.plugin_packages.clear()
+    plugins.plugin_packages.update(packages)
