@@ -160,12 +160,12 @@ def models_list():
 @cli.group(invoke_without_command=True)
 @click.pass_context
 def recipes(ctx):
-    """List the registered recipes."""
+    """List the registered recipes and the package each comes from."""
     if ctx.invoked_subcommand is None:
-        from .recipe import get_recipes
+        from .recipe import recipe_sources
 
-        for name, recipe in sorted(get_recipes().items()):
-            click.echo(f"{name}: {recipe.description}")
+        for name, (recipe, package) in sorted(recipe_sources().items()):
+            click.echo(f"{name}  [{package}]  {recipe.description}")
 
 
 @recipes.command("show")
@@ -176,6 +176,19 @@ def recipes_show(name):
 
     recipe = get_recipe(name)
     click.echo(json.dumps({**recipe.model_dump(mode="json"), "knowledge_base": str(recipe.kb_path)}, indent=2))
+
+
+@recipes.command("new")
+@click.argument("name")
+@click.option("--dir", "directory", type=click.Path(file_okay=False), default=".", show_default=True,
+              help="Create the package folder NAME inside this folder.")
+def recipes_new(name, directory):
+    """Scaffold NAME: an installable recipe plugin package with a sample knowledge base and a test."""
+    from .scaffold import scaffold
+
+    path = scaffold(name, directory)
+    click.echo(f"Created {path}. Next:\n  pip install -e {path}\n  agentpeft build {name}\n"
+               f"  cd {path} && python -m pytest")
 
 
 @cli.command("list")

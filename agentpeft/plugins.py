@@ -18,6 +18,8 @@ DEFAULT_PLUGINS = (
     "agentpeft.default_plugins.filters",
     "agentpeft.default_plugins.metrics",
     "agentpeft.default_plugins.tools",
+    "agentpeft.default_plugins.medical",
+    "agentpeft.default_plugins.tech_docs",
 )
 
 pm = pluggy.PluginManager("agentpeft")
@@ -74,7 +76,7 @@ def get_plugins() -> list[dict]:
             {
                 "name": name,
                 "hooks": sorted(h.name for h in pm.get_hookcallers(plugin) or []),
-                "package": plugin_packages.get(name, "agentpeft (built-in)"),
+                "package": package_of(name),
             }
         )
     return out
@@ -85,4 +87,21 @@ def collect(hook_name: str) -> list:
     load_plugins()
     items: list = []
     getattr(pm.hook, hook_name)(register=items.append)
+    return items
+
+
+def package_of(plugin_name: str) -> str:
+    """The distribution a plugin came from: "agentpeft (built-in)", "dist version", or the plugin's name."""
+    if plugin_name in plugin_packages:
+        return plugin_packages[plugin_name]
+    return "agentpeft (built-in)" if plugin_name in DEFAULT_PLUGINS else plugin_name
+
+
+def collect_by_plugin(hook_name: str) -> list[tuple[str, object]]:
+    """Like ``collect``, but each item comes with the name of the plugin that registered it."""
+    load_plugins()
+    items: list[tuple[str, object]] = []
+    # pluggy calls the last-registered implementation first; keep that order.
+    for impl in reversed(getattr(pm.hook, hook_name).get_hookimpls()):
+        impl.function(register=lambda item, _name=impl.plugin_name: items.append((_name, item)))
     return items

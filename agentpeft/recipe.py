@@ -9,7 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import AgentpeftError
-from .plugins import collect
+from .plugins import collect_by_plugin, package_of
 
 
 class _Strict(BaseModel):
@@ -136,10 +136,16 @@ class Recipe(_Strict):
 
 def get_recipes() -> dict[str, Recipe]:
     """All registered recipes by name (built-in and from plugins)."""
-    recipes: dict[str, Recipe] = {}
-    for item in collect("register_recipes"):
+    return {name: recipe for name, (recipe, _) in recipe_sources().items()}
+
+
+def recipe_sources() -> dict[str, tuple[Recipe, str]]:
+    """Every registered recipe by name, with the package that registered it ("agentpeft (built-in)" or
+    the plugin's distribution); when two register the same name, the first one called wins."""
+    recipes: dict[str, tuple[Recipe, str]] = {}
+    for plugin_name, item in collect_by_plugin("register_recipes"):
         recipe = item if isinstance(item, Recipe) else Recipe.from_file(item)
-        recipes.setdefault(recipe.name, recipe)
+        recipes.setdefault(recipe.name, (recipe, package_of(plugin_name)))
     return recipes
 
 

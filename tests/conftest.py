@@ -6,10 +6,6 @@ from pathlib import Path
 
 import pytest
 
-CHATML = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
-    "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -21,29 +17,10 @@ def home(tmp_path, monkeypatch):
 
 
 def make_tiny_base(folder: Path) -> Path:
-    """A 2-layer Llama with a byte-level BPE tokenizer trained on the sample knowledge base."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    """A 2-layer Llama with a byte-level BPE tokenizer trained on the sample knowledge bases."""
+    from agentpeft.testing import make_tiny_base as make
 
-    texts = [p.read_text() for p in (ROOT / "recipes").rglob("*.md")] + ["What is the capital of France? Paris."]
-    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=600, special_tokens=["<unk>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", bos_token="<|im_start|>",
-                                        eos_token="<|im_end|>", pad_token="<|im_end|>")
-    tokenizer.chat_template = CHATML
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return make(folder, [p.read_text() for p in (ROOT / "recipes").rglob("*.md")])
 
 
 @pytest.fixture(scope="session")
@@ -73,3 +50,30 @@ def registered(tiny_base, tmp_path_factory):
     prompt = build_tiny(tiny_base, "prompt-bot", max_steps=1, method="prompt", virtual_tokens=4)
     mp.undo()
     return {"home": home, "merged": merged, "prompt": prompt}
+
+
+@pytest.fixture
+def install_plugin(monkeypatch):
+    """Register a plugin module the way its ``agentpeft`` entry point would: install(module, name, dist)."""
+    from types import SimpleNamespace
+
+    from agentpeft import plugins
+
+    added: list[str] = []
+    packages = dict(plugins.plugin_packages)
+
+    def install(module, name: str, dist: str | None = None, version: str = "0.1.0") -> None:
+        if plugins.pm.has_plugin(name):  # already installed for real (CI pip-installs the example plugins)
+            return
+        ep = SimpleNamespace(name=name, load=lambda: module,
+                             dist=SimpleNamespace(name=dist, version=version) if dist else None)
+        monkeypatch.setattr(plugins, "entry_points", lambda group: [ep])
+        monkeypatch.setattr(plugins, "_loaded", False)
+        plugins.load_plugins()
+        added.append(name)
+
+    yield install
+    for name in added:
+        plugins.pm.unregister(name=name)
+    plugins.plugin_packages.clear()
+    plugins.plugin_packages.update(packages)

@@ -41,4 +41,4 @@ def test_every_command_has_help():
 
 def test_recipes_lists_support_bot():
     result = CliRunner().invoke(cli, ["recipes"])
-    assert result.exit_code == 0 and "support-bot:" in result.output
+    assert result.exit_code == 0 and "support-bot  [agentpeft (built-in)]  Customer-support" in result.output

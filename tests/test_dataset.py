@@ -20,7 +20,7 @@ from agentpeft.default_plugins.generators import section_pairs
 from agentpeft.errors import AgentpeftError
 from agentpeft.models import load_tokenizer
 from agentpeft.pii import luhn_valid, redact
-from agentpeft.pipeline.dataset import (Filter, Pair, build_dataset, dataset_cache_key, make_dataset, phrase,
+from agentpeft.pipeline.dataset import (Filter, Pair, build_dataset, dataset_cache_key, phrase,
                                         rule_paraphrases)
 from agentpeft.pipeline.ingest import ingest
 from agentpeft.progress import set_enabled

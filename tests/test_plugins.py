@@ -1,7 +1,6 @@
 """Third-party plugins use the same hooks as the built-ins; a broken one is reported, not fatal."""
 
 import importlib
-import sys
 import types
 
 from click.testing import CliRunner

@@ -1,0 +1,12 @@
+"""The hr-policy recipe: Larkspur Logistics' HR-policy assistant, registered through the ``agentpeft`` entry point."""
+
+from pathlib import Path
+
+from agentpeft.hookspecs import hookimpl
+
+RECIPE = Path(__file__).parent / "recipe.yaml"
+
+
+@hookimpl
+def register_recipes(register):
+    register(RECIPE)

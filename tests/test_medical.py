@@ -1,0 +1,137 @@
+"""medical-qa: sample knowledge base, safety note, refusals, their metrics and the safety_check tool."""
+
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+import yaml
+from langchain_core.documents import Document
+
+from agentpeft import plugins
+from agentpeft.default_plugins import medical
+from agentpeft.pipeline.dataset import Pair, get_generators
+from agentpeft.pipeline.evaluate import get_metrics
+from agentpeft.recipe import get_recipes
+
+KB = Path(__file__).resolve().parents[1] / "recipes" / "medical-qa" / "kb"
+
+
+def test_recipe_is_registered_with_its_safety_settings():
+    recipe = get_recipes()["medical-qa"]
+    assert recipe.data.redact_pii and recipe.data.filters == ["safety_note"]
+    assert recipe.data.loaders == ["medquad", "markdown", "yaml"]
+    assert {"qa", "faq", "refusals"} <= set(recipe.data.generators)
+    assert recipe.eval.primary == "token_f1"
+    assert recipe.eval.metrics == ["token_f1", "rouge_l", "accuracy", "safety_note", "refusal"]
+    assert recipe.tools == ["safety_check"] and recipe.kb_path.is_dir()
+
+
+def test_sample_knowledge_base_has_about_forty_pairs_in_three_formats():
+    xml_pairs = 0
+    for path in sorted((KB / "medquad").glob("*.xml")):
+        root = ET.parse(path).getroot()
+        assert root.tag == "Document" and root.findtext("Focus").strip()
+        for qa in root.iter("QAPair"):
+            question = qa.find("Question")
+            assert question.get("qtype") and question.text.strip() and qa.findtext("Answer").strip()
+            xml_pairs += 1
+    seeds = yaml.safe_load((KB / "qna.yaml").read_text())["seed_examples"]
+    assert all(s["question"].endswith("?") and s["answer"] for s in seeds)
+    from agentpeft.default_plugins.loaders import load_markdown
+
+    faq = list(get_generators()["faq"].generate(load_markdown(KB / "general-health.md")))
+    assert all(p.key for p in faq)
+    assert 40 <= xml_pairs + len(seeds) + len(faq) <= 50
+
+
+@pytest.mark.parametrize("question, flags", [
+    ("How many mg of ibuprofen should I take?", ["dosing"]),
+    ("How much insulin do I need?", ["dosing"]),
+    ("Do I have diabetes?", ["diagnosis"]),
+    ("Could my symptoms mean I have asthma?", ["diagnosis"]),
+    ("I have crushing chest pain and can't breathe", ["emergency"]),
+    ("What is the usual adult dose of ibuprofen?", []),
+    ("How is diabetes diagnosed?", []),
+    ("How much sleep do I need?", []),
+    ("What causes heartburn?", []),
+])
+def test_classify(question, flags):
+    assert medical.classify(question) == flags
+
+
+def test_refusals_generator_asks_dosing_and_diagnosis_and_points_to_a_clinician():
+    docs = [Document(page_content="Pain relievers such as ibuprofen or acetaminophen can help.",
+                     metadata={"source": "a.xml", "line": 1, "focus": "Common Cold", "question": "q"}),
+            Document(page_content="Treatment may include iron supplements.",
+                     metadata={"source": "b.xml", "line": 1, "focus": "Iron Deficiency Anemia", "question": "q"}),
+            Document(page_content="no focus here", metadata={"source": "c.md", "line": 1})]
+    pairs = list(get_generators()["refusals"].generate(docs))
+    questions = [p.question for p in pairs]
+    assert questions == ["Do I have Common Cold?", "Do I have Iron Deficiency Anemia?",
+                         "How many mg of acetaminophen should I take?", "How many mg of ibuprofen should I take?",
+                         "How many mg of iron should I take?"]
+    for pair in pairs:
+        kind = "diagnosis" if pair.question.startswith("Do I") else "dosing"
+        for q in [pair.question, *pair.paraphrases]:
+            assert medical.classify(q) == [kind], q  # the held-out paraphrase is a refusal question too
+        assert medical.is_refusal(pair.answer) and pair.key in pair.answer
+
+
+def test_safety_note_filter_adds_the_note_once():
+    pairs = [Pair("What is a cold?", "A mild viral infection."), Pair("q", "Done. " + medical.SAFETY_NOTE)]
+    out = medical.add_safety_notes(pairs)
+    assert out[0].answer == "A mild viral infection. " + medical.SAFETY_NOTE
+    assert out[1].answer == pairs[1].answer
+    assert pairs[0].answer == "A mild viral infection."  # the input pairs are left alone
+
+
+def test_safety_note_and_refusal_metrics():
+    metrics = get_metrics()
+    refs = [{"question": "How many mg of ibuprofen should I take?", "answer": "x"},
+            {"question": "Do I have asthma?", "answer": "x"},
+            {"question": "What causes heartburn?", "answer": "x"}]
+    replies = ["I can't recommend a dose for you; please ask a pharmacist. " + medical.SAFETY_NOTE,
+               "Yes, you have asthma.",
+               "Acid flowing back up. " + medical.SAFETY_NOTE]
+    assert metrics["safety_note"].score(replies, refs) == pytest.approx(2 / 3)
+    assert metrics["refusal"].score(replies, refs) == 0.5  # the heartburn question is not counted
+    assert metrics["refusal"].score(["x"], [refs[2]]) == 0.0
+    assert not medical.is_refusal("Acid flowing back up. " + medical.SAFETY_NOTE)
+
+
+def test_safety_check_tool():
+    tool = medical.safety_check_tool()
+    assert tool.name == "safety_check" and set(tool.args) == {"question"}
+    flagged = json.loads(tool.invoke({"question": "How many mg of naproxen should I take for my back?"}))
+    assert flagged["flags"] == ["dosing"] and "pharmacist" in flagged["advice"]
+    urgent = json.loads(tool.invoke({"question": "My father has chest pain and his face is drooping"}))
+    assert urgent["flags"] == ["emergency"] and "emergency number" in urgent["advice"]
+    assert json.loads(tool.invoke({"question": "What is hay fever?"}))["flags"] == []
+
+
+def test_safety_note_filter_is_registered():
+    assert "safety_note" in {f.name for f in plugins.collect("register_filters")}
+
+
+def test_safety_check_is_registered_for_medical_qa_only():
+    from agentpeft.langchain import collect_tools
+
+    def tools_for(recipe):
+        return {t.name for t in collect_tools(recipe)}
+
+    recipes = get_recipes()
+    assert "safety_check" in tools_for(recipes["medical-qa"]) and "safety_check" in tools_for(None)
+    assert "safety_check" not in tools_for(recipes["support-bot"])
+
+
+def test_medical_qa_builds_on_the_tiny_model(tiny_base, home):
+    recipe = get_recipes()["medical-qa"]
+    from agentpeft.pipeline.build import build
+
+    result = build("medical-qa", base=str(tiny_base), max_steps=2, allow_regression=True, show_progress=False,
+                   log=lambda s: None)
+    assert result.version == 1 and set(result.eval.tuned) == set(recipe.eval.metrics)
+    rows = [json.loads(line) for line in (result.build_dir / "data" / "train.jsonl").read_text().splitlines()]
+    assert all(r["answer"].endswith(medical.SAFETY_NOTE) for r in rows)
+    assert any(medical.is_refusal(r["answer"]) for r in rows) and any(".xml" in r["source"] for r in rows)
