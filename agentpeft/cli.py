@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from .errors import AgentpeftError
+from .errors import AgentpeftError, disk_error
 from .plugins import load_plugins, pm
 
 
@@ -19,6 +19,12 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except AgentpeftError as exc:
             click.secho(f"Error: {exc}", err=True, fg="red")
+            sys.exit(1)
+        except OSError as exc:  # a full, read-only or unwritable disk is the user's to fix, not a bug
+            error = disk_error(exc)
+            if error is None:
+                raise
+            click.secho(f"Error: {error}", err=True, fg="red")
             sys.exit(1)
 
 
@@ -50,6 +56,10 @@ TRAIN_OPTIONS = (
 )
 
 
+ALLOW_PICKLE_HELP = ("Also load weights stored as pickles (.bin/.pt), which can run code: "
+                     "only for checkpoints you trust. Safetensors are always preferred.")
+
+
 def train_options(command):
     """The training overrides shared by the commands that train (recipe values otherwise)."""
     for option in reversed(TRAIN_OPTIONS):
@@ -74,12 +84,13 @@ def _train_overrides(options: dict) -> dict:
 @click.option("--resume", is_flag=True, help="Continue the last unfinished build of this name from its last checkpoint.")
 @click.option("--allow-regression", is_flag=True, help="Register even if the tuned model does not beat the base.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def build(recipe, kb, name, base, resume, allow_regression, quiet, **train):
+@click.option("--allow-pickle", is_flag=True, help=ALLOW_PICKLE_HELP)
+def build(recipe, kb, name, base, resume, allow_regression, quiet, allow_pickle, **train):
     """Build RECIPE end to end: ingest, dataset, train, evaluate, merge, register."""
     from .pipeline.build import build as run_build
 
     result = run_build(recipe, kb=kb, name=name, base=base, allow_regression=allow_regression, resume=resume,
-                       show_progress=not quiet, log=click.echo, **_train_overrides(train))
+                       show_progress=not quiet, log=click.echo, allow_pickle=allow_pickle, **_train_overrides(train))
     click.echo("\n" + result.eval.table())
     if result.version is None:
         sys.exit(2)
@@ -164,12 +175,13 @@ def show(ref, as_json):
 @click.option("--metrics", help="Comma-separated metric names (default: the recipe's).")
 @click.option("--max-new-tokens", type=int, default=64, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
-def eval_(ref, data, metrics, max_new_tokens, as_json):
+@click.option("--allow-pickle", is_flag=True, help=ALLOW_PICKLE_HELP)
+def eval_(ref, data, metrics, max_new_tokens, as_json, allow_pickle):
     """Evaluate a registered model (NAME[@VERSION]) or a base model on question/answer pairs."""
     from .pipeline.evaluate import evaluate_model
 
     names = [m.strip() for m in metrics.split(",")] if metrics else None
-    result = evaluate_model(ref, data, names, max_new_tokens)
+    result = evaluate_model(ref, data, names, max_new_tokens, allow_pickle=allow_pickle)
     text = f"{result['model']} on {result['n']} questions ({result['data']}):\n" + "\n".join(
         f"  {name}: {value:.4f}" for name, value in result["metrics"].items())
     _emit({k: v for k, v in result.items() if k != "examples"}, as_json, text)
@@ -218,13 +230,15 @@ def export(ref, directory):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def plugins(as_json):
     """List the loaded plugins and those that failed to load."""
-    from .plugins import failed_plugins, get_plugins
+    from .plugins import disabled_plugins, failed_plugins, get_plugins
 
     rows = get_plugins()
     text = "\n".join(f"{p['name']}  ({p['package']})  hooks: {', '.join(p['hooks'])}" for p in rows)
     if failed_plugins:
         text += "\n" + "\n".join(f"FAILED {n}: {e}" for n, e in failed_plugins.items())
-    _emit({"plugins": rows, "failed": failed_plugins}, as_json, text)
+    if disabled_plugins:
+        text += "\n" + "\n".join(f"DISABLED {n} (AGENTPEFT_DISABLE_PLUGINS)" for n in disabled_plugins)
+    _emit({"plugins": rows, "failed": failed_plugins, "disabled": disabled_plugins}, as_json, text)
 
 
 load_plugins()

@@ -141,6 +141,8 @@ def configure(recipe: str | Recipe, kb: str | Path | None = None, base: str | No
         first = exc.errors()[0]
         raise AgentpeftError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
     update: dict = {"train": train_cfg}
+    if kb is not None and not str(kb).strip():
+        raise AgentpeftError("--kb is empty; pass a knowledge-base folder or file")
     if kb is not None:
         update["knowledge_base"] = Path(kb).resolve()
     if base is not None:
