@@ -94,8 +94,14 @@ class Recipe(_Strict):
         path = Path(path)
         try:
             raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError) as exc:
-            raise AgentpeftError(f"cannot read recipe file {path}: {exc}") from None
+        except OSError as exc:
+            raise AgentpeftError(f"cannot read recipe file {path}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:  # its own message spans several lines: keep the gist and where
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise AgentpeftError(f"cannot read recipe file {path}: invalid YAML"
+                                 f"{f' ({exc.problem})' if getattr(exc, 'problem', None) else ''}{where}; "
+                                 "fix the file and retry") from None
         if not isinstance(raw, dict):
             raise AgentpeftError(f"recipe file {path} must hold a mapping of fields, not {type(raw).__name__}")
         try:

@@ -149,11 +149,13 @@ def publish(name: str, files: dict[str, Path], manifest: dict) -> tuple[int, Pat
         for stale in aside.glob(f"{name}@*"):
             shutil.rmtree(stale, ignore_errors=True)
         staging = Path(tempfile.mkdtemp(prefix=f"{name}@", dir=aside))
+        moved: list[tuple[Path, Path]] = []
         try:
             for dest, src in files.items():
                 target = staging / dest
                 if src.is_dir():
                     shutil.move(str(src), str(target))
+                    moved.append((target, src))
                 else:
                     shutil.copy2(src, target)
             manifest = {**manifest, "name": name, "version": version}
@@ -162,6 +164,8 @@ def publish(name: str, files: dict[str, Path], manifest: dict) -> tuple[int, Pat
             _test_kill_point("publish:before-rename")
             os.rename(staging, folder / str(version))
         except BaseException:
+            for target, src in moved:  # give the build its folders back, so it can be resumed
+                shutil.move(str(target), str(src))
             shutil.rmtree(staging, ignore_errors=True)
             raise
     return version, folder / str(version)
