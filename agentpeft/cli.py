@@ -51,6 +51,7 @@ TRAIN_OPTIONS = (
     click.option("--grad-accum", type=int, help="Gradient-accumulation steps."),
     click.option("--max-seq-len", type=int, help="Longest rendered pair, in tokens."),
     click.option("--seed", type=int, help="Random seed."),
+    click.option("--save-steps", type=int, help="Checkpoint every N steps (what --resume continues from)."),
     click.option("--report-to", type=click.Choice(["none", "tensorboard", "wandb"]), multiple=True,
                  help="Also log to TensorBoard or Weights & Biases (repeatable)."),
 )

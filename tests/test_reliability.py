@@ -498,7 +498,7 @@ def test_single_document_kb_builds_without_traceback(tiny_base, home, tmp_path):
     assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
     # A random tiny model does not beat its base: the build ends refused (exit 2), nothing registered.
     assert result.exit_code == 2, result.output
-    assert "[6/6] register: refused" in result.output and "1 document sections" in result.output
+    assert "[6/6] register: refused" in result.output
     assert registry.versions("bot") == []
 
 
