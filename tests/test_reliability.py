@@ -134,7 +134,7 @@ def test_build_killed_during_training_resumes_from_last_checkpoint(killed_in_tra
 def test_second_build_of_same_name_is_refused_naming_the_lock(killed_in_training):
     home, proc, second = killed_in_training["home"], killed_in_training["proc"], killed_in_training["second"]
     line = _one_line_error(second, "another build of 'bot' is running", f"pid {proc.pid}",
-                           str(home / "builds" / "bot" / ".lock"))
+                           str(home / "locks" / "build-bot.lock"))
     assert "--name" in line
     # The refused build wrote nothing: no second build folder, nothing in the registry.
     assert not any(k.endswith("manifest.json") for k in killed_in_training["registry_meanwhile"])
@@ -144,7 +144,7 @@ def test_lock_is_released_when_its_holder_is_killed(killed_in_training, tiny_bas
     """flock dies with its process: after the SIGKILL a new build of the name is not refused."""
     import fcntl
 
-    with open(killed_in_training["home"] / "builds" / "bot" / ".lock", "a+") as fh:
+    with open(killed_in_training["home"] / "locks" / "build-bot.lock", "a+") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises BlockingIOError if still held
 
 

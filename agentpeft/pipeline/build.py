@@ -44,7 +44,7 @@ def _exclusive(run: Callable[..., BuildResult]) -> Callable[..., BuildResult]:
     """Run a build holding its name's build lock, with ``allow_pickle``, disk errors made one line.
 
     A second build of the same name fails at once (it does not wait) with an error naming the lock.
-    The lock is an flock on ``AGENTPEFT_HOME/builds/NAME/.lock``: the kernel drops it when the
+    The lock is an flock on ``AGENTPEFT_HOME/locks/build-NAME.lock``: the kernel drops it when the
     holder dies, so a killed build never leaves a stale lock behind.
     """
 
@@ -56,7 +56,7 @@ def _exclusive(run: Callable[..., BuildResult]) -> Callable[..., BuildResult]:
         name = bound.arguments.get("name")
         name = check_name(bound.arguments["recipe"].name if name is None else name)
         try:
-            lock_path = home() / "builds" / name / ".lock"
+            lock_path = home() / "locks" / f"build-{name}.lock"
             lock_path.parent.mkdir(parents=True, exist_ok=True)
             with open(lock_path, "a+") as lock:
                 try:
