@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 
 _API = {
     "build": "agentpeft.pipeline.build",
+    "train": "agentpeft.pipeline.build:train_recipe",
     "evaluate_model": "agentpeft.pipeline.evaluate",
     "pull_model": "agentpeft.models",
     "list_models": "agentpeft.registry",
@@ -25,5 +26,6 @@ __all__ = ["__version__", *_API]
 
 def __getattr__(name: str):
     if name in _API:
-        return getattr(import_module(_API[name]), name)
+        module, _, attr = _API[name].partition(":")
+        return getattr(import_module(module), attr or name)
     raise AttributeError(f"module 'agentpeft' has no attribute {name!r}")

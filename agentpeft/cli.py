@@ -61,13 +61,6 @@ ALLOW_PICKLE_HELP = ("Also load weights stored as pickles (.bin/.pt), which can 
                      "only for checkpoints you trust. Safetensors are always preferred.")
 
 
-def train_options(command):
-    """The training overrides shared by the commands that train (recipe values otherwise)."""
-    for option in reversed(TRAIN_OPTIONS):
-        command = option(command)
-    return command
-
-
 def _train_overrides(options: dict) -> dict:
     modules = options.pop("target_modules", None)
     if modules:
@@ -76,27 +69,54 @@ def _train_overrides(options: dict) -> dict:
     return options
 
 
+JUDGE_HELP = ("Also grade the replies with this chat model: provider:model (init_chat_model), "
+              "a registered model or a base model; reported beside the metrics.")
+
+
+def recipe_run_options(command):
+    """The options of the commands that run a recipe's stages (build, train)."""
+    for option in reversed((
+        click.argument("recipe"),
+        click.option("--kb", type=click.Path(), help="Knowledge-base folder or file (default: the recipe's own)."),
+        click.option("--name", help="Register under this name (default: the recipe's name)."),
+        click.option("--base", help="Base model: an alias (smollm2-135m), a local folder or a hub id."),
+        *TRAIN_OPTIONS,
+        click.option("--resume", is_flag=True,
+                     help="Continue the last unfinished build of this name from its last checkpoint."),
+        click.option("--quiet", is_flag=True, help="No progress bars."),
+        click.option("--allow-pickle", is_flag=True, help=ALLOW_PICKLE_HELP),
+    )):
+        command = option(command)
+    return command
+
+
 @cli.command()
-@click.argument("recipe")
-@click.option("--kb", type=click.Path(), help="Knowledge-base folder or file (default: the recipe's own).")
-@click.option("--name", help="Register under this name (default: the recipe's name).")
-@click.option("--base", help="Base model: an alias (smollm2-135m), a local folder or a hub id.")
-@train_options
-@click.option("--resume", is_flag=True, help="Continue the last unfinished build of this name from its last checkpoint.")
+@recipe_run_options
 @click.option("--allow-regression", is_flag=True, help="Register even if the tuned model does not beat the base.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
-@click.option("--allow-pickle", is_flag=True, help=ALLOW_PICKLE_HELP)
-def build(recipe, kb, name, base, resume, allow_regression, quiet, allow_pickle, **train):
+@click.option("--judge", help=JUDGE_HELP)
+def build(recipe, kb, name, base, resume, allow_regression, quiet, judge, allow_pickle, **train):
     """Build RECIPE end to end: ingest, dataset, train, evaluate, merge, register."""
     from .pipeline.build import build as run_build
 
     result = run_build(recipe, kb=kb, name=name, base=base, allow_regression=allow_regression, resume=resume,
-                       show_progress=not quiet, log=click.echo, allow_pickle=allow_pickle, **_train_overrides(train))
+                       show_progress=not quiet, log=click.echo, judge=judge, allow_pickle=allow_pickle,
+                       **_train_overrides(train))
     click.echo("\n" + result.eval.table())
     if result.version is None:
         sys.exit(2)
     click.echo(f"\nRegistered {result.name}@{result.version}. Use it: "
                f"from agentpeft.langchain import load_llm; load_llm({result.name!r})")
+
+
+@cli.command()
+@recipe_run_options
+def train(recipe, kb, name, base, resume, quiet, allow_pickle, **train):
+    """Run RECIPE's ingest, dataset and train stages only; `build NAME --resume` can finish the build."""
+    from .pipeline.build import train_recipe
+
+    result = train_recipe(recipe, kb=kb, name=name, base=base, resume=resume, show_progress=not quiet,
+                          log=click.echo, allow_pickle=allow_pickle, **_train_overrides(train))
+    click.echo(f"adapter: {result.train.adapter_dir}")
 
 
 @cli.group()
@@ -175,14 +195,15 @@ def show(ref, as_json):
 @click.option("--data", type=click.Path(dir_okay=False), help="JSONL of question, answer and optional key.")
 @click.option("--metrics", help="Comma-separated metric names (default: the recipe's).")
 @click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--judge", help=JUDGE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 @click.option("--allow-pickle", is_flag=True, help=ALLOW_PICKLE_HELP)
-def eval_(ref, data, metrics, max_new_tokens, as_json, allow_pickle):
+def eval_(ref, data, metrics, max_new_tokens, judge, as_json, allow_pickle):
     """Evaluate a registered model (NAME[@VERSION]) or a base model on question/answer pairs."""
     from .pipeline.evaluate import evaluate_model
 
     names = [m.strip() for m in metrics.split(",")] if metrics else None
-    result = evaluate_model(ref, data, names, max_new_tokens, allow_pickle=allow_pickle)
+    result = evaluate_model(ref, data, names, max_new_tokens, judge=judge, allow_pickle=allow_pickle)
     text = f"{result['model']} on {result['n']} questions ({result['data']}):\n" + "\n".join(
         f"  {name}: {value:.4f}" for name, value in result["metrics"].items())
     _emit({k: v for k, v in result.items() if k != "examples"}, as_json, text)

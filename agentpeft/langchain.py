@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from typing import Any
 
 from langchain_core.language_models import BaseChatModel
@@ -39,20 +40,46 @@ def _load(ref: str):
         return _models[key]
 
 
+def _chat(model, tokenizer, model_id: str, system_prompt: str | None, **generation_kwargs: Any) -> SpecialistChat:
+    from transformers import pipeline
+
+    kwargs = {"max_new_tokens": 256, "do_sample": False, **generation_kwargs}
+    # Generation settings live on the transformers pipeline: HuggingFacePipeline only forwards
+    # per-call pipeline_kwargs, and its streaming path calls the pipeline directly.
+    pipe = pipeline("text-generation", model=model, tokenizer=tokenizer, return_full_text=False, **kwargs)
+    llm = HuggingFacePipeline(pipeline=pipe, model_id=model_id)
+    return SpecialistChat(llm=llm, tokenizer=tokenizer, model_id=model_id, system_prompt=system_prompt)
+
+
 def load_llm(name: str, version: int | None = None, **generation_kwargs: Any) -> BaseChatModel:
     """A LangChain chat model over a registered model (``name``, or ``name@version``).
 
     ``generation_kwargs`` (``max_new_tokens``, ``do_sample``, ``temperature``, ...) go to generation;
     the default is greedy decoding with up to 256 new tokens.
     """
-    from transformers import pipeline
-
     ref = f"{name}@{version}" if version is not None else name
     model, tokenizer, manifest = _load(ref)
-    kwargs = {"max_new_tokens": 256, "do_sample": False, **generation_kwargs}
-    # Generation settings live on the transformers pipeline: HuggingFacePipeline only forwards
-    # per-call pipeline_kwargs, and its streaming path calls the pipeline directly.
-    pipe = pipeline("text-generation", model=model, tokenizer=tokenizer, return_full_text=False, **kwargs)
-    llm = HuggingFacePipeline(pipeline=pipe, model_id=ref)
-    return SpecialistChat(llm=llm, tokenizer=tokenizer, model_id=f"{manifest['name']}@{manifest['version']}",
-                          system_prompt=manifest.get("system_prompt"))
+    return _chat(model, tokenizer, f"{manifest['name']}@{manifest['version']}", manifest.get("system_prompt"),
+                 **generation_kwargs)
+
+
+def chat_model(spec: str, **generation_kwargs: Any) -> BaseChatModel:
+    """Any chat model by name: ``provider:model`` (through ``init_chat_model``), a registered model
+    (``NAME[@VERSION]``), or a base model (``base`` for the default, an alias or a local folder)."""
+    from .errors import AgentpeftError
+    from .models import load_model, load_tokenizer, resolve_base
+
+    provider, sep, model_name = spec.partition(":")
+    if sep and provider.isidentifier() and model_name and not Path(spec).exists():
+        from langchain.chat_models import init_chat_model
+
+        try:
+            return init_chat_model(spec, **generation_kwargs)
+        except Exception as exc:  # missing integration package, API key, unknown provider
+            raise AgentpeftError(f"cannot use chat model {spec!r}: {exc}") from None
+    try:
+        registry.resolve(spec)
+    except AgentpeftError:
+        base = resolve_base(None if spec == "base" else spec, log=lambda s: None)
+        return _chat(load_model(base), load_tokenizer(base), spec, None, **generation_kwargs)
+    return load_llm(spec, **generation_kwargs)

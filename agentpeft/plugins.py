@@ -13,6 +13,7 @@ from . import hookspecs
 DEFAULT_PLUGINS = (
     "agentpeft.default_plugins.recipes",
     "agentpeft.default_plugins.loaders",
+    "agentpeft.default_plugins.medquad",
     "agentpeft.default_plugins.generators",
     "agentpeft.default_plugins.metrics",
 )

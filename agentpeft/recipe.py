@@ -23,6 +23,17 @@ class DataConfig(_Strict):
     generators: list[str] = ["faq", "facts"]
     train_phrasings: int = Field(4, ge=1, le=8, description="question phrasings per fact in train")
     seed: int = 0
+    loader_options: dict[str, dict] = Field({}, description="per-loader options, e.g. {csv: {question: q}}")
+    chunk_size: int = Field(1500, ge=50, description="prose chunk length in characters")
+    chunk_overlap: int = Field(150, ge=0, description="characters shared by neighbouring chunks")
+    strict: bool = Field(False, description="fail on knowledge-base files that cannot be read, not skip them")
+
+    @field_validator("chunk_overlap")
+    @classmethod
+    def _overlap_below_size(cls, v: int, info) -> int:
+        if v >= info.data.get("chunk_size", 1500):
+            raise ValueError(f"chunk_overlap ({v}) must be below chunk_size ({info.data.get('chunk_size')})")
+        return v
 
 
 class TrainConfig(_Strict):
@@ -34,7 +45,7 @@ class TrainConfig(_Strict):
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
     epochs: float = Field(3.0, gt=0)
-    max_steps: int = -1
+    max_steps: int = Field(-1, ge=-1, description="-1: run the epochs; 0: save the adapter untrained")
     lr: float = Field(1e-3, gt=0)
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)

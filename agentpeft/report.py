@@ -40,7 +40,7 @@ def render(ref: str) -> str:
                ["pairs per generator", ", ".join(f"{k}: {v}" for k, v in d["per_generator"].items())],
                ["split", d["split_method"]]]
     t = m["train"]
-    training = [["method", t["config"]["method"]], ["steps", t["steps"]], ["final loss", f"{t['final_loss']:.4f}"],
+    training = [["method", t["config"]["method"]], ["steps", t["steps"]], ["final loss", "untrained" if t["final_loss"] is None else f"{t['final_loss']:.4f}"],
                 ["seconds", t["seconds"]], ["trainable parameters", f"{t['trainable_params']:,} of {t['all_params']:,}"]]
     answers = [[e["question"], e["reference"], e["base"], e["tuned"]] for e in ev["examples"]]
     title = f"{m['name']}@{m['version']}"

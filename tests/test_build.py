@@ -1,6 +1,7 @@
 """The whole pipeline on a tiny random-init model: every stage runs and the result is usable."""
 
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -120,6 +121,27 @@ def test_eval_command_on_registered_and_base_models(built, tiny_base, tmp_path, 
     assert bad.exit_code == 1 and "qa.jsonl:1: not valid JSON" in bad.output
     missing = runner.invoke(cli, ["eval", "nobody-here"])
     assert missing.exit_code == 1 and "neither a registered model" in missing.output
+    no_provider = runner.invoke(cli, ["eval", "support-bot", "--judge", "nosuchprovider:model", "--max-new-tokens", "2"])
+    assert no_provider.exit_code == 1 and "cannot use chat model 'nosuchprovider:model'" in no_provider.output
+
+
+def test_judge_is_reported_beside_the_metrics(built, tiny_base, monkeypatch, tmp_path):
+    import agentpeft.langchain
+    from agentpeft.pipeline.evaluate import chat_rows, evaluate
+    from test_metrics import _ScriptedJudge
+
+    monkeypatch.setattr(agentpeft.langchain, "chat_model", lambda spec: _ScriptedJudge())
+    rows = chat_rows([{"question": "How long is the warranty?", "answer": "Two years.", "key": "Two years"}], "Be brief.")
+    result = evaluate(tiny_base, built.path / "adapter", rows, ["accuracy"], "accuracy", tmp_path, max_new_tokens=3,
+                      probe=False, judge="scripted")
+    assert set(result.judge) == {"model", "base", "tuned"} and result.judge["model"] == "scripted"
+    assert "| judge (scripted), share correct |" in result.table()
+    assert json.loads((tmp_path / "eval.json").read_text())["judge"] == result.judge
+    monkeypatch.setenv("AGENTPEFT_HOME", str(built.path.parents[2]))
+    out = CliRunner().invoke(cli, ["eval", "support-bot", "--json", "--max-new-tokens", "4", "--judge", "scripted"])
+    assert out.exit_code == 0, out.output
+    figures = json.loads(out.output[out.output.index("{"):])["metrics"]
+    assert set(figures) == {"accuracy", "rouge_l", "judge (scripted)"} and 0 <= figures["judge (scripted)"] <= 1
 
 
 def test_build_reports_forgetting_and_charts(built):
@@ -173,3 +195,22 @@ def test_html_report_renders_in_headless_chromium(built, monkeypatch, tmp_path):
                           f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", page.as_uri()],
                          capture_output=True, text=True, timeout=120).stdout
     assert dom.count("<table") == 4 and dom.count("data:image/png;base64,") == 2
+
+
+def test_gate_refuses_a_zero_step_adapter_and_train_command_stops_before_eval(tiny_base, home):
+    logs = []
+    result = build("support-bot", base=str(tiny_base), max_steps=0, method="lora", show_progress=False,
+                   log=logs.append, name="useless")
+    assert result.train.steps == 0 and result.train.final_loss is None
+    # An untrained LoRA adapter (B = 0) changes nothing, so the tuned model cannot beat the base.
+    assert result.eval.tuned == result.eval.base
+    assert result.version is None and any("register: refused" in line for line in logs)
+    assert not (registry_dir() / "useless").exists() or not any((registry_dir() / "useless").glob("[0-9]*"))
+
+    out = CliRunner().invoke(cli, ["train", "support-bot", "--base", str(tiny_base), "--max-steps", "1",
+                                   "--method", "lora", "--name", "trained-only", "--quiet"])
+    assert out.exit_code == 0, out.output
+    assert "trainable params:" in out.output and "[3/6] train:" in out.output and "evaluate" not in out.output
+    adapter = out.output.strip().splitlines()[-1].removeprefix("adapter: ")
+    assert (Path(adapter) / "adapter_model.safetensors").is_file()
+    assert not (registry_dir() / "trained-only").exists()

@@ -53,3 +53,32 @@ def test_qa_jsonl_errors_name_file_and_line(tmp_path):
         read_qa_jsonl(path)
     path.write_text('{"question": "q", "answer": "a", "key": "k"}\n\n')
     assert read_qa_jsonl(path) == [{"question": "q", "answer": "a", "key": "k"}]
+
+
+class _ScriptedJudge:
+    """Stands in for a LangChain chat model: grades CORRECT when the reference's key is in the reply."""
+
+    def __init__(self):
+        self.prompts = []
+
+    def batch(self, prompts):
+        from langchain_core.messages import AIMessage
+
+        self.prompts += prompts
+        out = []
+        for p in prompts:
+            key = p.split("Reference answer: ")[1].split("\n")[0]
+            reply = p.split("Reply to grade: ")[1].split("\n")[0]
+            out.append(AIMessage("CORRECT" if key in reply else ("INCORRECT." if reply else "no idea")))
+        return out
+
+
+def test_judge_grades_replies_against_references():
+    from agentpeft.pipeline.evaluate import judge_replies
+
+    judge = _ScriptedJudge()
+    rows = [{"question": "Warranty?", "answer": "2 years"}, {"question": "Colour?", "answer": "amber"},
+            {"question": "Hub?", "answer": "HB-1"}]
+    graded = judge_replies(judge, rows, ["It is 2 years.", "It is blue.", ""])
+    assert graded == {"score": round(1 / 3, 4), "unparsed": 1}
+    assert all("Question: " in p and "CORRECT or INCORRECT" in p for p in judge.prompts)

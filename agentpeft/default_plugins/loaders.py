@@ -1,58 +1,499 @@
-"""Built-in knowledge-base loaders."""
+"""Built-in knowledge-base loaders.
+
+Prose (markdown, text, html, rst, pdf) becomes chunk Documents with metadata ``source``, ``line``,
+``heading`` (deepest heading or ""), ``headings`` (outermost first) and ``title``; a section longer
+than ``chunk_size`` characters is split with langchain's RecursiveCharacterTextSplitter, and a code
+block is never cut (one longer than ``chunk_size`` becomes a chunk of its own).
+
+Question/answer files (csv/tsv, jsonl, yaml) become one Document per pair: ``page_content`` is the
+answer, metadata ``source``, ``line``, ``question`` and, when given, ``key``. A pair with an empty
+question or answer is left out; a malformed file fails with its file and line.
+"""
 
 from __future__ import annotations
 
+import bisect
+import csv
+import io
+import json
 import re
+import warnings
+from functools import lru_cache
 from pathlib import Path
+from typing import Iterable
 
+import yaml
 from langchain_core.documents import Document
+from langchain_text_splitters import ExperimentalMarkdownSyntaxTextSplitter, RecursiveCharacterTextSplitter
 
 from ..errors import AgentpeftError
 from ..hookspecs import hookimpl
-from ..pipeline.ingest import Loader
+from ..pipeline.ingest import Loader, SkipFile, read_text
 
-_HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise AgentpeftError(f"{path} is not UTF-8 text (byte {exc.start}); convert it or remove it from the knowledge base") from None
+Span = tuple[int, int]
 
 
-def load_markdown(path: Path) -> list[Document]:
-    """One Document per heading section, with the heading path as metadata."""
-    lines = _read_text(path).splitlines()
+# --- chunking shared by the prose loaders -------------------------------------------------------
+
+@lru_cache(maxsize=8)
+def _splitter(size: int, overlap: int) -> RecursiveCharacterTextSplitter:
+    return RecursiveCharacterTextSplitter(chunk_size=size, chunk_overlap=overlap, add_start_index=True)
+
+
+def fenced_spans(text: str) -> list[Span]:
+    """Offsets of the fenced code blocks (```` ``` ```` or ``~~~`` at the start of a line; an unclosed one runs to the end)."""
+    return _fences(text)[0]
+
+
+def _fences(text: str) -> tuple[list[Span], bool]:
+    spans: list[Span] = []
+    opened, offset = -1, 0
+    for line in text.splitlines(keepends=True):
+        if line.startswith(("```", "~~~")):
+            if opened < 0:
+                opened = offset
+            else:
+                spans.append((opened, offset + len(line.rstrip("\n"))))
+                opened = -1
+        offset += len(line)
+    if opened >= 0:
+        spans.append((opened, len(text)))
+    return spans, opened >= 0
+
+
+def chunk_text(text: str, size: int, overlap: int, atomic: Iterable[Span] = ()) -> list[tuple[int, str]]:
+    """``(offset, chunk)`` pieces of ``text`` of at most ``size`` characters; ``atomic`` spans are never cut."""
+    if len(text) <= size:
+        stripped = text.strip()
+        return [(len(text) - len(text.lstrip()), stripped)] if stripped else []
+    units: list[tuple[int, int, int | None]] = []  # start, end, prose segment (None for an atomic span)
+    pos = 0
+    for segment, (a, b) in enumerate([*sorted(atomic), (len(text), len(text))]):
+        for doc in _splitter(size, overlap).create_documents([text[pos:a]]):
+            start = pos + doc.metadata["start_index"]
+            units.append((start, start + len(doc.page_content), segment))
+        if b > a:
+            units.append((a, b, None))
+        pos = max(pos, b)
+    chunks: list[Span] = []
+    group: int | None = None
+    for start, end, seg in units:
+        # pieces of one prose segment already fill a chunk (and overlap), so only pack across segments
+        if chunks and end - chunks[-1][0] <= size and (seg is None or seg != group):
+            chunks[-1] = (chunks[-1][0], end)
+        else:
+            chunks.append((start, end))
+        group = seg
+    out = []
+    for a, b in chunks:
+        piece = text[a:b]
+        if piece.strip():
+            out.append((a + len(piece) - len(piece.lstrip()), piece.strip()))
+    return out
+
+
+class _Lines:
+    """Maps character offsets of a text to 1-based line numbers."""
+
+    def __init__(self, text: str):
+        self.newlines = [m.start() for m in re.finditer("\n", text)]
+
+    def __call__(self, offset: int) -> int:
+        return bisect.bisect_left(self.newlines, offset) + 1
+
+
+def _prose(path: Path, title: str, trail: list[str], line: int, chunks: list[tuple[int, str]],
+           lines: _Lines | None, **extra) -> list[Document]:
+    """Documents for one section's chunks: the first keeps the section's line, later ones their own."""
+    docs = []
+    for i, (offset, chunk) in enumerate(chunks):
+        at = line if i == 0 or lines is None else lines(offset)
+        docs.append(Document(page_content=chunk, metadata={
+            "source": str(path), "line": at, "heading": trail[-1] if trail else "",
+            "headings": list(trail), "title": title, **extra}))
+    return docs
+
+
+# --- markdown --------------------------------------------------------------------------------------
+
+_MD_HEADERS = [("#" * n, f"h{n}") for n in range(1, 7)]
+_MD_HEADING = re.compile(r"#{1,6} ")
+_CLOSING_HASHES = re.compile(r"\s+#+\s*$")
+
+
+def load_markdown(path: Path, chunk_size: int = 1500, chunk_overlap: int = 150) -> list[Document]:
+    """Sections split at headings by langchain's Markdown splitter, then chunked; code blocks kept whole."""
+    text = read_text(path)
+    # the splitter drops the text of an unclosed code block, so close it for the splitter only
+    padded = text + "\n```\n" if _fences(text)[1] else text
+    parts = ExperimentalMarkdownSyntaxTextSplitter(_MD_HEADERS, strip_headers=False).split_text(padded)
+    # the splitter keeps each part verbatim but not its position: find it, and join the parts of a section
+    sections: list[list] = []  # [start, end, headers, starts with its heading]
+    cursor = 0
+    for part in parts:
+        start = padded.find(part.page_content, cursor)
+        cursor = end = start + len(part.page_content)
+        headers = {k: v for k, v in part.metadata.items() if k != "Code"}
+        is_heading = "Code" not in part.metadata and _MD_HEADING.match(part.page_content)
+        if sections and not is_heading and sections[-1][2] == headers:
+            sections[-1][1] = end
+        else:
+            sections.append([start, end, headers, bool(is_heading)])
+    lines = _Lines(text)
+    docs: list[Document] = []
+    for start, end, headers, is_heading in sections:
+        trail = [_CLOSING_HASHES.sub("", headers[k]).strip() for _, k in _MD_HEADERS if k in headers]
+        body_start = start
+        if is_heading:  # the heading line itself is metadata, not content
+            newline = padded.find("\n", start, end)
+            body_start = newline + 1 if newline >= 0 else end
+        body = text[body_start:min(end, len(text))]
+        chunks = [(body_start + o, c) for o, c in chunk_text(body, chunk_size, chunk_overlap, fenced_spans(body))]
+        if not chunks:
+            continue
+        title = trail[0] if "h1" in headers else path.stem
+        docs += _prose(path, title, trail, lines(start if is_heading else chunks[0][0]), chunks, lines)
+    return docs
+
+
+# --- plain text, reStructuredText, HTML, PDF -----------------------------------------------------
+
+def load_text(path: Path, chunk_size: int = 1500, chunk_overlap: int = 150) -> list[Document]:
+    """Plain text in chunks."""
+    text = read_text(path)
+    chunks = chunk_text(text, chunk_size, chunk_overlap)
+    lines = _Lines(text)
+    return _prose(path, path.stem, [], lines(chunks[0][0]) if chunks else 1, chunks, lines)
+
+
+_RST_ADORNMENT = re.compile(r"""^([!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~])\1+\s*$""")
+_RST_CODE = re.compile(r"^(\s*)\.\.\s+(code-block|code|sourcecode)::")
+
+
+def _rst_literal_spans(lines: list[str], offsets: list[int]) -> list[Span]:
+    """Literal blocks (after a paragraph ending in ``::``) and code directives, as offset spans."""
+    spans: list[Span] = []
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        directive = _RST_CODE.match(line)
+        if directive or (line.rstrip().endswith("::") and not line.lstrip().startswith("..")):
+            indent = len(line) - len(line.lstrip())
+            j, last = i + 1, None
+            while j < len(lines) and (not lines[j].strip() or len(lines[j]) - len(lines[j].lstrip()) > indent):
+                if lines[j].strip():
+                    last = j
+                j += 1
+            if last is not None:
+                first = i if directive else i + 1
+                spans.append((offsets[first], offsets[last] + len(lines[last])))
+                i = last + 1
+                continue
+        i += 1
+    return spans
+
+
+def load_rst(path: Path, chunk_size: int = 1500, chunk_overlap: int = 150) -> list[Document]:
+    """Sections at underlined (or over- and underlined) titles, levels in order of first use; literal blocks kept whole."""
+    text = read_text(path)
+    lines = text.split("\n")
+    offsets, total = [], 0
+    for line in lines:
+        offsets.append(total)
+        total += len(line) + 1
+    literal = _rst_literal_spans(lines, offsets)
+    inside = {n for a, b in literal for n in range(bisect.bisect_right(offsets, a) - 1, bisect.bisect_right(offsets, b))}
+    styles: list[tuple[str, bool]] = []
+    titles: list[tuple[int, int, int, str]] = []  # first line, line after the title, level, title
+    i = 0
+    while i + 1 < len(lines):
+        title, under = lines[i].strip(), lines[i + 1]
+        adorned = _RST_ADORNMENT.match(under)
+        over = bool(adorned) and i > 0 and lines[i - 1].strip() == under.strip()
+        if (i not in inside and title and (over or not lines[i][0].isspace()) and adorned
+                and len(under.rstrip()) >= len(title) and not _RST_ADORNMENT.match(lines[i])):
+            style = (adorned.group(1), over)
+            if style not in styles:
+                styles.append(style)
+            titles.append((i - 1 if over else i, i + 2, styles.index(style) + 1, title))
+            i += 2
+            continue
+        i += 1
+    doc_title = titles[0][3] if titles else path.stem
+    to_line = _Lines(text)
     docs: list[Document] = []
     trail: list[str] = []
-    start, body = 1, []
+    bounds = [(0, 0, 0, "")] + titles
+    for n, (first, body_from, level, title) in enumerate(bounds):
+        if n:
+            trail = trail[: level - 1] + [title]
+        body_to = bounds[n + 1][0] if n + 1 < len(bounds) else len(lines)
+        if body_from >= body_to:
+            continue
+        start = offsets[body_from]
+        end = offsets[body_to - 1] + len(lines[body_to - 1])
+        spans = [(max(a, start) - start, min(b, end) - start) for a, b in literal if a < end and b > start]
+        chunks = [(start + o, c) for o, c in chunk_text(text[start:end], chunk_size, chunk_overlap, spans)]
+        docs += _prose(path, doc_title, trail, first + 1 if n else to_line(chunks[0][0]) if chunks else 1,
+                       chunks, to_line)
+    return docs
 
-    def flush() -> None:
-        text = "\n".join(body).strip()
-        if text or trail:
-            docs.append(Document(
-                page_content=text,
-                metadata={"source": str(path), "line": start, "heading": trail[-1] if trail else "",
-                          "headings": list(trail), "title": trail[0] if trail else path.stem},
-            ))
 
-    in_code = False
-    for number, line in enumerate(lines, 1):
-        if line.lstrip().startswith("```"):
-            in_code = not in_code
-        match = None if in_code else _HEADING.match(line)
-        if match:
-            flush()
-            level = len(match.group(1))
-            trail = trail[: level - 1] + [""] * max(0, level - 1 - len(trail)) + [match.group(2)]
-            start, body = number, []
+_HTML_BLOCKS = {"address", "article", "aside", "blockquote", "dd", "div", "dl", "dt", "figcaption", "figure",
+                "footer", "form", "header", "hr", "li", "main", "nav", "ol", "p", "section", "table", "tr",
+                "td", "th", "ul"}
+_HTML_HEADINGS = ("h1", "h2", "h3", "h4", "h5", "h6")
+
+
+def _tidy(prose: str) -> str:
+    lines = [re.sub(r"[ \t\f\v]+", " ", line).strip() for line in prose.split("\n")]
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+
+
+def load_html(path: Path, chunk_size: int = 1500, chunk_overlap: int = 150) -> list[Document]:
+    """Sections at ``<h1>``..``<h6>``; ``<pre>`` blocks kept whole (as fenced code); scripts and styles dropped."""
+    from bs4 import BeautifulSoup, NavigableString, Tag
+    from bs4.element import Comment, Declaration, Doctype, ProcessingInstruction
+
+    text = read_text(path)
+    try:
+        with warnings.catch_warnings():  # bs4 warns when markup "looks like" a URL or XML: noise here
+            warnings.simplefilter("ignore")
+            soup = BeautifulSoup(text, "html.parser")
+    except Exception as exc:  # html.parser rejects some malformed markup with assorted exception types
+        raise AgentpeftError(f"{path}: cannot parse HTML ({type(exc).__name__}: {exc}); fix or remove the file") from None
+    title = soup.title.get_text(" ", strip=True) if soup.title else ""
+    for tag in soup(["script", "style", "noscript", "template", "head", "title"]):
+        tag.decompose()
+    sections: list[tuple[int, list[str], list[str]]] = [(1, [], [])]  # line, trail, text parts
+    trail: list[str] = []
+    skip_inside: Tag | None = None
+    for el in soup.descendants:
+        if skip_inside is not None:
+            if _within(el, skip_inside):
+                continue
+            skip_inside = None
+        if isinstance(el, Tag):
+            if el.name in _HTML_HEADINGS:
+                level = int(el.name[1])
+                trail = trail[: level - 1] + [el.get_text(" ", strip=True)]
+                sections.append((el.sourceline or sections[-1][0], list(trail), []))
+                skip_inside = el
+            elif el.name == "pre":
+                code = el.get_text().strip("\n")
+                sections[-1][2].append(f"\n\n```\n{code}\n```\n\n")
+                skip_inside = el
+            elif el.name == "br":
+                sections[-1][2].append("\n")
+            elif el.name in _HTML_BLOCKS:
+                sections[-1][2].append("\n\n")
+        elif isinstance(el, NavigableString) and not isinstance(el, (Comment, Declaration, Doctype, ProcessingInstruction)):
+            sections[-1][2].append(re.sub(r"\s+", " ", str(el)))
+    title = title or next((t[0] for _, t, _ in sections if t), path.stem)
+    docs: list[Document] = []
+    for line, section_trail, parts in sections:
+        body = "".join(p if p.startswith("\n\n```") else _tidy(p) for p in _merge_prose(parts)).strip()
+        chunks = chunk_text(body, chunk_size, chunk_overlap, fenced_spans(body))
+        docs += _prose(path, title, section_trail, line, chunks, None)
+    return docs
+
+
+def _within(el, ancestor) -> bool:
+    parent = el.parent
+    while parent is not None:
+        if parent is ancestor:
+            return True
+        parent = parent.parent
+    return False
+
+
+def _merge_prose(parts: list[str]) -> list[str]:
+    """Join consecutive prose parts so each can be tidied as one; fenced ``<pre>`` parts stay apart."""
+    merged: list[str] = []
+    for part in parts:
+        if merged and not part.startswith("\n\n```") and not merged[-1].startswith("\n\n```"):
+            merged[-1] += part
         else:
-            body.append(line)
-    flush()
-    return [d for d in docs if d.page_content]
+            merged.append(part)
+    return merged
+
+
+def load_pdf(path: Path, chunk_size: int = 1500, chunk_overlap: int = 150) -> list[Document]:
+    """Text of each page in chunks, with the 1-based ``page`` in metadata (``line`` counts within the page)."""
+    from pypdf import PdfReader
+
+    try:
+        if path.stat().st_size == 0:
+            raise SkipFile(path, "empty")
+        reader = PdfReader(path)
+        if reader.is_encrypted and not reader.decrypt(""):
+            raise SkipFile(path, "encrypted PDF")
+        pages = [page.extract_text() or "" for page in reader.pages]
+        meta_title = reader.metadata.title if reader.metadata else None
+    except SkipFile:
+        raise
+    except OSError as exc:
+        raise SkipFile(path, f"unreadable ({exc.strerror or exc})") from None
+    except Exception as exc:  # pypdf raises many exception types on a corrupt file
+        raise SkipFile(path, f"not a readable PDF ({type(exc).__name__})") from None
+    title = str(meta_title).strip() if meta_title and str(meta_title).strip() else path.stem
+    docs: list[Document] = []
+    for number, page in enumerate(pages, 1):
+        page = page.replace("\r\n", "\n").replace("\x00", "")
+        lines = _Lines(page)
+        chunks = chunk_text(page, chunk_size, chunk_overlap)
+        docs += _prose(path, title, [], lines(chunks[0][0]) if chunks else 1, chunks, lines, page=number)
+    return docs
+
+
+# --- question/answer files -------------------------------------------------------------------------
+
+def _pair(path: Path, line: int, question: str, answer: str, key: str | None = None, **extra) -> Document | None:
+    question, answer = question.strip(), answer.strip()
+    if not question or not answer:
+        return None
+    metadata = {"source": str(path), "line": line, "question": question, **extra}
+    if key and key.strip():
+        metadata["key"] = key.strip()
+    return Document(page_content=answer, metadata=metadata)
+
+
+def load_csv(path: Path, question: str = "question", answer: str = "answer", key: str = "key",
+             delimiter: str | None = None) -> list[Document]:
+    """One pair per row of a CSV/TSV file with a header row (column names set by the recipe's loader_options)."""
+    text = read_text(path)
+    delim = delimiter or ("\t" if path.suffix.lower() == ".tsv" else ",")
+    rows = csv.reader(io.StringIO(text, newline=""), delimiter=delim, strict=True)
+    docs: list[Document] = []
+    start = 1
+    try:
+        header = [h.strip() for h in next(rows)]
+        missing = [c for c in (question, answer) if c not in header]
+        if missing:
+            raise AgentpeftError(
+                f"{path}:1: no column {missing[0]!r} (columns: {header}); name the question and answer columns "
+                f"with data.loader_options.csv: {{question: ..., answer: ...}}"
+            )
+        qi, ai = header.index(question), header.index(answer)
+        ki = header.index(key) if key in header else None
+        start = rows.line_num + 1
+        for row in rows:
+            at, start = start, rows.line_num + 1
+            if not any(cell.strip() for cell in row):
+                continue
+            if len(row) != len(header):
+                raise AgentpeftError(
+                    f"{path}:{at}: {len(row)} fields where the header has {len(header)}; "
+                    f"quote fields that contain {delim!r} or line breaks"
+                )
+            doc = _pair(path, at, row[qi], row[ai], row[ki] if ki is not None else None)
+            if doc:
+                docs.append(doc)
+    except csv.Error as exc:
+        raise AgentpeftError(f"{path}:{rows.line_num or start}: malformed CSV ({exc}); fix the quoting") from None
+    except StopIteration:
+        return []
+    return docs
+
+
+def _field(path: Path, line: int, record: dict, name: str, required: bool) -> str | None:
+    value = record.get(name)
+    if value is None:
+        if required:
+            raise AgentpeftError(
+                f"{path}:{line}: no {name!r} field (fields: {sorted(record)}); "
+                "name the fields with data.loader_options.jsonl: {question: ..., answer: ...}"
+            )
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise AgentpeftError(f"{path}:{line}: field {name!r} must be text, not {type(value).__name__}")
+    return str(value)
+
+
+def load_jsonl(path: Path, question: str = "question", answer: str = "answer", key: str = "key") -> list[Document]:
+    """One pair per line of a JSON Lines file (each line an object with question and answer fields)."""
+    docs: list[Document] = []
+    for number, line in enumerate(read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise AgentpeftError(f"{path}:{number}: invalid JSON ({exc.msg}, column {exc.colno}); "
+                                 "each line must be one JSON object") from None
+        except RecursionError:
+            raise AgentpeftError(f"{path}:{number}: JSON nested too deeply") from None
+        if not isinstance(record, dict):
+            raise AgentpeftError(f"{path}:{number}: a {type(record).__name__} where a JSON object was expected")
+        doc = _pair(path, number, _field(path, number, record, question, True),
+                    _field(path, number, record, answer, True), _field(path, number, record, key, False))
+        if doc:
+            docs.append(doc)
+    return docs
+
+
+def _mapping(path: Path, node: yaml.Node, what: str) -> dict[str, yaml.Node]:
+    if not isinstance(node, yaml.MappingNode):
+        raise AgentpeftError(f"{path}:{node.start_mark.line + 1}: {what} must be a mapping")
+    return {k.value: v for k, v in node.value if isinstance(k, yaml.ScalarNode)}
+
+
+def _scalar(path: Path, node: yaml.Node | None, what: str) -> str:
+    if node is None or node.tag.endswith(":null"):
+        return ""
+    if not isinstance(node, yaml.ScalarNode):
+        raise AgentpeftError(f"{path}:{node.start_mark.line + 1}: {what} must be text")
+    return node.value
+
+
+def load_yaml(path: Path) -> list[Document]:
+    """InstructLab-style ``qna.yaml``: ``seed_examples`` of question/answer pairs (flat, or under a ``context``)."""
+    text = read_text(path)
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        raise AgentpeftError(f"{path}:{mark.line + 1 if mark else 1}: invalid YAML ({exc.problem or exc.context}); "
+                             "fix the file") from None
+    except yaml.YAMLError as exc:
+        raise AgentpeftError(f"{path}: invalid YAML ({exc}); fix the file") from None
+    except RecursionError:
+        raise AgentpeftError(f"{path}: YAML nested too deeply") from None
+    if root is None:  # comments only
+        return []
+    hint = "an InstructLab qna.yaml holds 'seed_examples:' with 'question:' and 'answer:' items"
+    seeds = _mapping(path, root, "the file").get("seed_examples")
+    if not isinstance(seeds, yaml.SequenceNode):
+        line = (seeds if seeds is not None else root).start_mark.line + 1
+        raise AgentpeftError(f"{path}:{line}: no 'seed_examples' list; {hint}")
+    docs: list[Document] = []
+    for example in seeds.value:
+        fields = _mapping(path, example, "a seed example")
+        context = _scalar(path, fields.get("context"), "context").strip()
+        items = fields.get("questions_and_answers")
+        if items is not None and not isinstance(items, yaml.SequenceNode):
+            raise AgentpeftError(f"{path}:{items.start_mark.line + 1}: questions_and_answers must be a list")
+        for item in items.value if items is not None else [example]:
+            pair = _mapping(path, item, "a question/answer item")
+            line = item.start_mark.line + 1
+            for name in ("question", "answer"):
+                if name not in pair:
+                    raise AgentpeftError(f"{path}:{line}: item has no '{name}'; {hint}")
+            extra = {"context": context} if context else {}
+            doc = _pair(path, line, _scalar(path, pair["question"], "question"),
+                        _scalar(path, pair["answer"], "answer"), _scalar(path, pair.get("key"), "key"), **extra)
+            if doc:
+                docs.append(doc)
+    return docs
 
 
 @hookimpl
 def register_loaders(register):
     register(Loader("markdown", (".md", ".markdown"), load_markdown))
+    register(Loader("text", (".txt",), load_text))
+    register(Loader("html", (".html", ".htm"), load_html))
+    register(Loader("rst", (".rst",), load_rst))
+    register(Loader("pdf", (".pdf",), load_pdf))
+    register(Loader("csv", (".csv", ".tsv"), load_csv))
+    register(Loader("jsonl", (".jsonl",), load_jsonl))
+    register(Loader("yaml", (".yaml", ".yml"), load_yaml))

@@ -23,7 +23,7 @@ from .dataset import build_dataset
 from .evaluate import EvalResult, evaluate
 from .ingest import ingest
 from .merge import merge
-from .train import MERGEABLE, train
+from .train import MERGEABLE, TrainResult, train
 
 STAGES = ("ingest", "dataset", "train", "evaluate", "merge", "register")
 
@@ -35,9 +35,10 @@ class BuildResult:
     name: str
     version: int | None
     path: Path | None
-    eval: EvalResult
+    eval: EvalResult | None
     build_dir: Path
     seconds: dict[str, float]
+    train: TrainResult | None = None
 
 
 def _exclusive(run: Callable[..., BuildResult]) -> Callable[..., BuildResult]:
@@ -83,12 +84,18 @@ def _exclusive(run: Callable[..., BuildResult]) -> Callable[..., BuildResult]:
 @_exclusive
 def build(recipe: str | Recipe, kb: str | Path | None = None, name: str | None = None,
           base: str | None = None, allow_regression: bool = False, resume: bool = False,
-          show_progress: bool = True, log: Callable[[str], None] = print, **train_overrides) -> BuildResult:
+          show_progress: bool = True, log: Callable[[str], None] = print, until: str = "register",
+          judge: str | None = None,
+          **train_overrides) -> BuildResult:
     """ingest -> dataset -> train -> evaluate -> merge -> register, each stage summarized in one line.
 
     ``train_overrides`` are TrainConfig fields (epochs, max_steps, method, r, lr, ...);
-    ``resume`` continues the name's last unfinished build from its last checkpoint.
+    ``resume`` continues the name's last unfinished build from its last checkpoint;
+    ``until="train"`` stops after training (what ``agentpeft train`` runs); ``judge`` names a chat
+    model that also grades the held-out replies (reported, never gating).
     """
+    if until not in ("train", "register"):
+        raise AgentpeftError(f"until must be 'train' or 'register', not {until!r}")
     set_enabled(show_progress)
     recipe = configure(recipe, kb, base, **train_overrides)
     name = check_name(name or recipe.name)
@@ -106,7 +113,8 @@ def build(recipe: str | Recipe, kb: str | Path | None = None, name: str | None =
         clock = now
         log(f"[{STAGES.index(stage) + 1}/{len(STAGES)}] {stage}: {summary} ({seconds[stage]:.0f}s)")
 
-    documents = ingest(recipe.kb_path, recipe.data.loaders)
+    d = recipe.data
+    documents = ingest(recipe.kb_path, d.loaders, d.loader_options, d.chunk_size, d.chunk_overlap, d.strict)
     base_dir = resolve_base(recipe.base_model, log=log)
     done("ingest", f"{len(documents)} document sections from {recipe.kb_path}")
 
@@ -120,13 +128,15 @@ def build(recipe: str | Recipe, kb: str | Path | None = None, name: str | None =
 
     trained = train(base_dir, data.path, build_dir, recipe.train, resume=resume, log=log)
     done("train", trained.summary())
+    if until == "train":
+        return BuildResult(name, None, None, None, build_dir, seconds, trained)
 
     from datasets import load_from_disk
 
     eval_rows = list(load_from_disk(str(data.path))["eval"])
     result = evaluate(base_dir, trained.adapter_dir, eval_rows, recipe.eval.metrics, recipe.eval.primary,
                       build_dir / "eval", recipe.system_prompt, recipe.eval.max_new_tokens, recipe.eval.batch_size,
-                      probe=recipe.eval.forgetting_probe)
+                      probe=recipe.eval.forgetting_probe, judge=judge)
     done("evaluate", result.summary())
 
     files = {"adapter": trained.adapter_dir, "dataset_card.md": build_dir / "data" / "dataset_card.md",
@@ -146,7 +156,7 @@ def build(recipe: str | Recipe, kb: str | Path | None = None, name: str | None =
             f"({result.tuned[recipe.eval.primary]:.3f} vs {result.base[recipe.eval.primary]:.3f}); "
             f"nothing registered (--allow-regression overrides); build files in {build_dir}")
         (build_dir / "FINISHED").write_text("refused\n")
-        return BuildResult(name, None, None, result, build_dir, seconds)
+        return BuildResult(name, None, None, result, build_dir, seconds, trained)
 
     manifest = {
         "recipe": recipe.name,
@@ -159,7 +169,7 @@ def build(recipe: str | Recipe, kb: str | Path | None = None, name: str | None =
                   "seconds": round(trained.seconds, 1), "tokens": trained.tokens,
                   "trainable_params": trained.trainable_params, "all_params": trained.all_params},
         "metrics": {"primary": result.primary, "base": result.base, "tuned": result.tuned,
-                    "forgetting": result.forgetting},
+                    "forgetting": result.forgetting, "judge": result.judge},
         "merge": merge_info,
         "allow_regression": bool(allow_regression and not result.improved),
         "created": stamp.isoformat(timespec="seconds"),
@@ -169,7 +179,12 @@ def build(recipe: str | Recipe, kb: str | Path | None = None, name: str | None =
     version, path = publish(name, files, manifest)
     (build_dir / "FINISHED").write_text(f"{name}@{version}\n")
     done("register", f"{name}@{version} -> {path}")
-    return BuildResult(name, version, path, result, build_dir, seconds)
+    return BuildResult(name, version, path, result, build_dir, seconds, trained)
+
+
+def train_recipe(recipe: str | Recipe, **options) -> BuildResult:
+    """ingest -> dataset -> train only: the adapter lands in the build folder, nothing is registered."""
+    return build(recipe, until="train", **options)
 
 
 def _unfinished_build(name: str) -> Path | None:

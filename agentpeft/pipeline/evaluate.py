@@ -153,6 +153,26 @@ def score_model(model, tokenizer, rows: list[dict], metric_names: list[str], max
     return figures, replies
 
 
+JUDGE_PROMPT = """You grade a reply against a reference answer.
+
+Question: {question}
+Reference answer: {answer}
+Reply to grade: {reply}
+
+Does the reply give the same facts as the reference answer, without contradicting it?
+Answer with exactly one word: CORRECT or INCORRECT."""
+
+
+def judge_replies(judge, rows: list[dict], replies: list[str]) -> dict:
+    """Share of ``replies`` that a LangChain chat model grades CORRECT against the references."""
+    prompts = [JUDGE_PROMPT.format(question=r["question"], answer=r["answer"], reply=reply)
+               for r, reply in zip(rows, replies)]
+    verdicts = [str(m.content).strip().upper() for m in judge.batch(prompts)]
+    correct = sum(v.startswith("CORRECT") for v in verdicts)
+    unclear = sum(not v.startswith(("CORRECT", "INCORRECT")) for v in verdicts)
+    return {"score": round(correct / max(len(rows), 1), 4), "unparsed": unclear}
+
+
 @dataclass
 class EvalResult:
     """Base and tuned figures, the forgetting probe, and where the report was written."""
@@ -163,6 +183,8 @@ class EvalResult:
     path: Path
     higher_is_better: dict[str, bool] = field(default_factory=dict)
     forgetting: dict | None = None
+    #: ``{"model": name, "base": score, "tuned": score}`` when a judge graded the replies.
+    judge: dict | None = None
 
     @property
     def improved(self) -> bool:
@@ -174,6 +196,8 @@ class EvalResult:
         if self.forgetting:
             f = self.forgetting
             text += f"  forgetting probe: {f['base_accuracy']:.3f} -> {f['tuned_accuracy']:.3f}"
+        if self.judge:
+            text += f"  judge: {self.judge['base']:.3f} -> {self.judge['tuned']:.3f}"
         return text
 
     def table(self) -> str:
@@ -186,13 +210,21 @@ class EvalResult:
                         f"{f['tuned_accuracy']:.3f} | {f['tuned_accuracy'] - f['base_accuracy']:+.3f} |")
             rows.append(f"| general-text perplexity | {f['base_perplexity']:.2f} | {f['tuned_perplexity']:.2f} | "
                         f"{f['tuned_perplexity'] - f['base_perplexity']:+.2f} |")
+        if self.judge:
+            j = self.judge
+            rows.append(f"| judge ({j['model']}), share correct | {j['base']:.3f} | {j['tuned']:.3f} | "
+                        f"{j['tuned'] - j['base']:+.3f} |")
         return "\n".join(rows)
 
 
 def evaluate(base_dir: Path, adapter_dir: Path, eval_rows: list[dict], metric_names: list[str],
              primary: str, out_dir: Path, system_prompt: str | None = None, max_new_tokens: int = 64,
-             batch_size: int = 16, probe: bool = True) -> EvalResult:
-    """Ask the base model and the tuned model (base + adapter) the same questions, greedily."""
+             batch_size: int = 16, probe: bool = True, judge: str | None = None) -> EvalResult:
+    """Ask the base model and the tuned model (base + adapter) the same questions, greedily.
+
+    ``judge`` names a chat model (see ``agentpeft.langchain.chat_model``) that also grades both
+    models' replies; its figures are reported beside the metrics, never instead of them.
+    """
     from ..models import load_model, load_tokenizer, load_tuned
 
     tokenizer = load_tokenizer(base_dir)
@@ -215,7 +247,14 @@ def evaluate(base_dir: Path, adapter_dir: Path, eval_rows: list[dict], metric_na
         forgetting["n"] = len(probe_rows)
         forgetting["accuracy_drop"] = round(forgetting["base_accuracy"] - forgetting["tuned_accuracy"], 4)
     higher = {m.name: m.higher_is_better for m in _metrics(metric_names)}
-    result = EvalResult(figures["base"], figures["tuned"], primary, out_dir, higher, forgetting or None)
+    graded = None
+    if judge:
+        from ..langchain import chat_model
+
+        grader = chat_model(judge)
+        graded = {"model": judge, **{who: judge_replies(grader, eval_rows, replies[who])["score"]
+                                     for who in ("base", "tuned")}}
+    result = EvalResult(figures["base"], figures["tuned"], primary, out_dir, higher, forgetting or None, graded)
     write_eval_files(result, eval_rows, replies, probe_rows, max_new_tokens)
     return result
 
@@ -231,7 +270,7 @@ def write_eval_files(result: EvalResult, rows: list[dict], replies: dict, probe_
              for r, b, t in zip(probe_rows, replies.get("base_probe", []), replies.get("tuned_probe", []))]
     (out / "eval.json").write_text(json.dumps(
         {"primary": result.primary, "base": result.base, "tuned": result.tuned, "n": len(rows),
-         "forgetting": result.forgetting, "examples": examples, "probe": probe}, indent=2))
+         "forgetting": result.forgetting, "judge": result.judge, "examples": examples, "probe": probe}, indent=2))
     (out / "report.md").write_text(
         f"# Evaluation\n\n{len(rows)} held-out questions, greedy decoding, at most {max_new_tokens} new tokens. "
         f"Primary metric: {result.primary} ({'higher' if result.higher_is_better.get(result.primary, True) else 'lower'}"
@@ -268,7 +307,7 @@ def plot_comparison(result: EvalResult, path: Path) -> None:
 
 @accepts_allow_pickle
 def evaluate_model(ref: str, data: Path | str | None = None, metric_names: list[str] | None = None,
-                   max_new_tokens: int = 64, batch_size: int = 16) -> dict:
+                   max_new_tokens: int = 64, batch_size: int = 16, judge: str | None = None) -> dict:
     """Evaluate a registered model (``NAME[@VERSION]``) or a base model on question/answer pairs.
 
     ``data`` is a JSONL file of ``question``, ``answer`` and optional ``key``; without it a
@@ -303,6 +342,10 @@ def evaluate_model(ref: str, data: Path | str | None = None, metric_names: list[
     rows = chat_rows(pairs, manifest["system_prompt"] if manifest else None)
     with bar(total=len(rows), desc="evaluate", unit="answer") as progress:
         figures, replies = score_model(model, tokenizer, rows, names, max_new_tokens, batch_size, progress.update)
+    if judge:
+        from ..langchain import chat_model
+
+        figures[f"judge ({judge})"] = judge_replies(chat_model(judge), rows, replies)["score"]
     return {"model": f"{manifest['name']}@{manifest['version']}" if manifest else ref, "n": len(rows),
             "metrics": figures, "data": str(data) if data else "held-out questions of the build",
             "examples": [{"question": r["question"], "reference": r["answer"], "reply": reply}

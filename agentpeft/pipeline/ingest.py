@@ -1,10 +1,21 @@
-"""Stage 1, ingest: a knowledge-base folder or file becomes LangChain Documents."""
+"""Stage 1, ingest: a knowledge-base folder or file becomes LangChain Documents.
+
+Files that cannot be read as text (unreadable, binary, not UTF-8) are skipped with one warning that
+lists them all (``strict=True`` makes that an error); empty files are skipped and named in the same
+warning. A malformed structured file (YAML, JSONL, CSV, XML) fails the whole stage with its file and
+line, and a knowledge base that yields no Document fails with a clear message. Hidden files and
+folders (a name starting with ".") are not read; symbolic links are followed, each folder once.
+"""
 
 from __future__ import annotations
 
+import inspect
+import logging
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from langchain_core.documents import Document
 
@@ -12,14 +23,51 @@ from ..errors import AgentpeftError
 from ..plugins import collect
 from ..progress import bar
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class Loader:
-    """Reads one kind of file into Documents (with ``source`` and ``line`` metadata)."""
+    """Reads one kind of file into Documents (with ``source`` and ``line`` metadata).
+
+    ``load(path, **options)``: the options it names among its keyword parameters come from the recipe
+    (``chunk_size``, ``chunk_overlap`` and ``data.loader_options[name]``).
+    """
 
     name: str
     suffixes: tuple[str, ...]
-    load: Callable[[Path], list[Document]]
+    load: Callable[..., list[Document]]
+
+
+class SkipFile(AgentpeftError):
+    """Raised by a loader for a file that cannot be read as text: ingest skips it with a warning."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"{path}: {reason}; fix the file or remove it from the knowledge base")
+        self.path, self.reason = path, reason
+
+
+def read_bytes(path: Path) -> bytes:
+    """The file's bytes, once they are known to be non-empty UTF-8 text (else :class:`SkipFile`)."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise SkipFile(path, f"unreadable ({exc.strerror or exc})") from None
+    if not data.strip():
+        raise SkipFile(path, "empty")
+    if b"\x00" in data:
+        raise SkipFile(path, "binary")
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SkipFile(path, f"not UTF-8 text (byte {exc.start})") from None
+    return data
+
+
+def read_text(path: Path) -> str:
+    """The file as text (UTF-8, byte-order mark dropped, universal newlines), or :class:`SkipFile`."""
+    text = read_bytes(path).decode("utf-8-sig")
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def get_loaders() -> dict[str, Loader]:
@@ -27,27 +75,139 @@ def get_loaders() -> dict[str, Loader]:
     return {loader.name: loader for loader in collect("register_loaders")}
 
 
-def ingest(kb: Path | str, loaders: list[str] | None = None) -> list[Document]:
-    """Load every file under ``kb`` that one of the named loaders reads."""
+def _walk(root: Path, suffixes: set[str], problems: list[tuple[Path, str]]) -> list[Path]:
+    """The non-hidden files under ``root`` with one of ``suffixes``, following links but entering each folder once."""
+    files: list[Path] = []
+    seen_dirs: set[tuple[int, int]] = set()
+    seen_files: set[tuple[int, int]] = set()
+
+    def unreadable(exc: OSError) -> None:
+        problems.append((Path(exc.filename or root), f"unreadable folder ({exc.strerror or exc})"))
+
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=unreadable):
+        try:
+            st = os.stat(dirpath)
+        except OSError as exc:
+            unreadable(exc)
+            dirnames[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen_dirs:  # a symlink loop, or a second link to a folder already read
+            dirnames[:] = []
+            continue
+        seen_dirs.add((st.st_dev, st.st_ino))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if name.startswith(".") or Path(name).suffix.lower() not in suffixes:
+                continue
+            path = Path(dirpath, name)
+            try:
+                fst = path.stat()
+            except OSError:
+                files.append(path)  # a broken or looping link: the reader reports it
+                continue
+            if not stat.S_ISREG(fst.st_mode):  # a FIFO or device would block or never end
+                problems.append((path, "not a regular file"))
+            elif (fst.st_dev, fst.st_ino) not in seen_files:
+                seen_files.add((fst.st_dev, fst.st_ino))
+                files.append(path)
+    return files
+
+
+def _bind(loader: Loader, common: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments for ``loader.load``: the common settings it takes, then its recipe options."""
+    params = list(inspect.signature(loader.load).parameters.values())[1:]
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params)
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = sorted(k for k in options if k not in names and not takes_any)
+    if unknown:
+        raise AgentpeftError(
+            f"data.loader_options.{loader.name}: unknown option(s) {unknown}; "
+            f"the {loader.name} loader takes {', '.join(n for n in names if n not in common) or 'no options'}"
+        )
+    kwargs = {k: v for k, v in common.items() if takes_any or k in names}
+    kwargs.update(options)
+    return kwargs
+
+
+def _listing(kb: Path, items: list[tuple[Path, str]]) -> str:
+    def name(path: Path) -> str:
+        try:
+            return str(path.relative_to(kb)) if kb.is_dir() else str(path)
+        except ValueError:
+            return str(path)
+
+    return ", ".join(f"{name(p)} ({why})" for p, why in items)
+
+
+def ingest(kb: Path | str, loaders: list[str] | None = None, options: dict[str, dict] | None = None,
+           chunk_size: int = 1500, chunk_overlap: int = 150, strict: bool = False) -> list[Document]:
+    """Load every file under ``kb`` (a file or a folder, read recursively) that one of the named loaders reads.
+
+    ``options`` maps a loader name to its keyword options (the recipe's ``data.loader_options``);
+    ``chunk_size``/``chunk_overlap`` (characters) go to the loaders that chunk prose.
+    """
     kb = Path(kb)
     available = get_loaders()
     names = loaders or list(available)
     unknown = [n for n in names if n not in available]
     if unknown:
         raise AgentpeftError(f"unknown loader(s) {unknown}; registered loaders: {sorted(available)}")
-    by_suffix = {s: available[n] for n in names for s in available[n].suffixes}
+    options = options or {}
+    stray = sorted(n for n in options if n not in available)
+    if stray:
+        raise AgentpeftError(f"data.loader_options names unknown loader(s) {stray}; registered loaders: {sorted(available)}")
+    if chunk_size < 1 or not 0 <= chunk_overlap < chunk_size:
+        raise AgentpeftError(f"chunk_overlap ({chunk_overlap}) must be at least 0 and below chunk_size ({chunk_size})")
+    common = {"chunk_size": chunk_size, "chunk_overlap": chunk_overlap}
+    kwargs = {n: _bind(available[n], common, options.get(n) or {}) for n in names}
+    by_suffix = {s.lower(): available[n] for n in names for s in available[n].suffixes}
+
     if not kb.exists():
         raise AgentpeftError(f"knowledge base {kb} does not exist; point --kb at a folder of documents")
-    files = [kb] if kb.is_file() else sorted(p for p in kb.rglob("*") if p.is_file())
-    readable = [f for f in files if f.suffix.lower() in by_suffix]
-    if not readable:
+    problems: list[tuple[Path, str]] = []
+    if kb.is_dir():
+        files = _walk(kb, set(by_suffix), problems)
+    elif kb.suffix.lower() in by_suffix:
+        if not kb.is_file():
+            raise AgentpeftError(f"knowledge base {kb} is not a regular file or folder; point --kb at documents")
+        files = [kb]
+    else:
+        raise AgentpeftError(
+            f"no loader reads {kb.name} (loaders {names} read {', '.join(sorted(by_suffix))}); "
+            "rename the file or add its loader to data.loaders"
+        )
+    if not files and not problems:
         raise AgentpeftError(
             f"knowledge base {kb} holds no file that the loaders read ({', '.join(sorted(by_suffix))}); "
             "add documents or point --kb elsewhere"
         )
+
     documents: list[Document] = []
-    for path in bar(iterable=readable, desc="ingest", unit="file"):
-        documents.extend(by_suffix[path.suffix.lower()].load(path))
+    empty: list[tuple[Path, str]] = []
+    for path in bar(iterable=files, desc="ingest", unit="file"):
+        loader = by_suffix[path.suffix.lower()]
+        try:
+            got = loader.load(path, **kwargs[loader.name])
+        except SkipFile as exc:
+            (empty if exc.reason == "empty" else problems).append((path, exc.reason))
+            continue
+        if not got:
+            empty.append((path, "nothing to load"))
+        documents.extend(got)
+
+    if problems and strict:
+        raise AgentpeftError(
+            f"{len(problems)} file(s) in {kb} cannot be read as text: {_listing(kb, problems)}; "
+            "fix or remove them, or build without --strict to skip them"
+        )
+    skipped = []
+    if problems:
+        skipped.append(f"{len(problems)} file(s) that cannot be read as text: {_listing(kb, problems)}")
+    if empty:
+        skipped.append(f"{len(empty)} file(s) with no content: {_listing(kb, empty)}")
     if not documents:
-        raise AgentpeftError(f"knowledge base {kb} is empty: its files hold no text; add documents and retry")
+        detail = f" (skipped {'; '.join(skipped)})" if skipped else ""
+        raise AgentpeftError(f"knowledge base {kb} is empty: its files hold no text{detail}; add documents and retry")
+    if skipped:
+        log.warning("ingest skipped %s", "; and ".join(skipped))
     return documents

@@ -24,14 +24,15 @@ class TrainResult:
 
     adapter_dir: Path
     steps: int
-    final_loss: float
+    final_loss: float | None
     seconds: float
     trainable_params: int
     all_params: int
     tokens: int
 
     def summary(self) -> str:
-        return (f"{self.steps} steps, final loss {self.final_loss:.3f}, {self.seconds:.0f}s "
+        loss = "untrained" if self.final_loss is None else f"final loss {self.final_loss:.3f}"
+        return (f"{self.steps} steps, {loss}, {self.seconds:.0f}s "
                 f"({self.tokens / max(self.seconds, 1e-9):.0f} tokens/s), "
                 f"{self.trainable_params:,} trainable params")
 
@@ -115,7 +116,10 @@ def train(base_dir: Path, dataset_dir: Path, out_dir: Path, cfg: TrainConfig, re
     if checkpoint:
         log(f"resuming from {checkpoint}")
     start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=checkpoint)
+    if cfg.max_steps == 0:
+        log("max_steps=0: the adapter is saved as initialized, untrained")
+    else:
+        trainer.train(resume_from_checkpoint=checkpoint)
     seconds = time.perf_counter() - start
     adapter_dir = out_dir / "adapter"
     model.save_pretrained(str(adapter_dir))
@@ -126,10 +130,10 @@ def train(base_dir: Path, dataset_dir: Path, out_dir: Path, cfg: TrainConfig, re
         for row in history:
             fh.write(json.dumps(row) + "\n")
     losses = [row["loss"] for row in history if "loss" in row]
-    if not losses or not all(math.isfinite(x) for x in losses):
+    if cfg.max_steps != 0 and (not losses or not all(math.isfinite(x) for x in losses)):
         raise AgentpeftError(f"training diverged (loss {losses[-1:] or 'never logged'}); lower --lr and retry")
     plot_loss(history, out_dir / "loss_curve.png")
-    return TrainResult(adapter_dir, trainer.state.global_step, losses[-1], seconds, trainable, total,
+    return TrainResult(adapter_dir, trainer.state.global_step, losses[-1] if losses else None, seconds, trainable, total,
                        int(max((r.get("num_tokens", 0) for r in history), default=0)))
 
 
