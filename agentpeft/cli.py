@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from .errors import AgentpeftError
+from .errors import AgentpeftError, disk_error
 from .plugins import load_plugins, pm
 
 
@@ -19,6 +19,12 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except AgentpeftError as exc:
             click.secho(f"Error: {exc}", err=True, fg="red")
+            sys.exit(1)
+        except OSError as exc:  # a full, read-only or unwritable disk is the user's to fix, not a bug
+            error = disk_error(exc)
+            if error is None:
+                raise
+            click.secho(f"Error: {error}", err=True, fg="red")
             sys.exit(1)
 
 
@@ -45,9 +51,14 @@ TRAIN_OPTIONS = (
     click.option("--grad-accum", type=int, help="Gradient-accumulation steps."),
     click.option("--max-seq-len", type=int, help="Longest rendered pair, in tokens."),
     click.option("--seed", type=int, help="Random seed."),
+    click.option("--save-steps", type=int, help="Checkpoint every N steps (what --resume continues from)."),
     click.option("--report-to", type=click.Choice(["none", "tensorboard", "wandb"]), multiple=True,
                  help="Also log to TensorBoard or Weights & Biases (repeatable)."),
 )
+
+
+ALLOW_PICKLE_HELP = ("Also load weights stored as pickles (.bin/.pt), which can run code: "
+                     "only for checkpoints you trust. Safetensors are always preferred.")
 
 
 def _train_overrides(options: dict) -> dict:
@@ -73,6 +84,7 @@ def recipe_run_options(command):
         click.option("--resume", is_flag=True,
                      help="Continue the last unfinished build of this name from its last checkpoint."),
         click.option("--quiet", is_flag=True, help="No progress bars."),
+        click.option("--allow-pickle", is_flag=True, help=ALLOW_PICKLE_HELP),
     )):
         command = option(command)
     return command
@@ -82,12 +94,13 @@ def recipe_run_options(command):
 @recipe_run_options
 @click.option("--allow-regression", is_flag=True, help="Register even if the tuned model does not beat the base.")
 @click.option("--judge", help=JUDGE_HELP)
-def build(recipe, kb, name, base, resume, allow_regression, quiet, judge, **train):
+def build(recipe, kb, name, base, resume, allow_regression, quiet, judge, allow_pickle, **train):
     """Build RECIPE end to end: ingest, dataset, train, evaluate, merge, register."""
     from .pipeline.build import build as run_build
 
     result = run_build(recipe, kb=kb, name=name, base=base, allow_regression=allow_regression, resume=resume,
-                       show_progress=not quiet, log=click.echo, judge=judge, **_train_overrides(train))
+                       show_progress=not quiet, log=click.echo, judge=judge, allow_pickle=allow_pickle,
+                       **_train_overrides(train))
     click.echo("\n" + result.eval.table())
     if result.version is None:
         sys.exit(2)
@@ -97,12 +110,12 @@ def build(recipe, kb, name, base, resume, allow_regression, quiet, judge, **trai
 
 @cli.command()
 @recipe_run_options
-def train(recipe, kb, name, base, resume, quiet, **train):
+def train(recipe, kb, name, base, resume, quiet, allow_pickle, **train):
     """Run RECIPE's ingest, dataset and train stages only; `build NAME --resume` can finish the build."""
     from .pipeline.build import train_recipe
 
     result = train_recipe(recipe, kb=kb, name=name, base=base, resume=resume, show_progress=not quiet,
-                          log=click.echo, **_train_overrides(train))
+                          log=click.echo, allow_pickle=allow_pickle, **_train_overrides(train))
     click.echo(f"adapter: {result.train.adapter_dir}")
 
 
@@ -223,12 +236,13 @@ def show(ref, as_json):
 @click.option("--max-new-tokens", type=int, default=64, show_default=True)
 @click.option("--judge", help=JUDGE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
-def eval_(ref, data, metrics, max_new_tokens, judge, as_json):
+@click.option("--allow-pickle", is_flag=True, help=ALLOW_PICKLE_HELP)
+def eval_(ref, data, metrics, max_new_tokens, judge, as_json, allow_pickle):
     """Evaluate a registered model (NAME[@VERSION]) or a base model on question/answer pairs."""
     from .pipeline.evaluate import evaluate_model
 
     names = [m.strip() for m in metrics.split(",")] if metrics else None
-    result = evaluate_model(ref, data, names, max_new_tokens, judge=judge)
+    result = evaluate_model(ref, data, names, max_new_tokens, judge=judge, allow_pickle=allow_pickle)
     text = f"{result['model']} on {result['n']} questions ({result['data']}):\n" + "\n".join(
         f"  {name}: {value:.4f}" for name, value in result["metrics"].items())
     _emit({k: v for k, v in result.items() if k != "examples"}, as_json, text)
@@ -277,13 +291,15 @@ def export(ref, directory):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def plugins(as_json):
     """List the loaded plugins and those that failed to load."""
-    from .plugins import failed_plugins, get_plugins
+    from .plugins import disabled_plugins, failed_plugins, get_plugins
 
     rows = get_plugins()
     text = "\n".join(f"{p['name']}  ({p['package']})  hooks: {', '.join(p['hooks'])}" for p in rows)
     if failed_plugins:
         text += "\n" + "\n".join(f"FAILED {n}: {e}" for n, e in failed_plugins.items())
-    _emit({"plugins": rows, "failed": failed_plugins}, as_json, text)
+    if disabled_plugins:
+        text += "\n" + "\n".join(f"DISABLED {n} (AGENTPEFT_DISABLE_PLUGINS)" for n in disabled_plugins)
+    _emit({"plugins": rows, "failed": failed_plugins, "disabled": disabled_plugins}, as_json, text)
 
 
 @cli.command()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import json
 import os
 import re
@@ -11,10 +13,12 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import AgentpeftError
+from .errors import AgentpeftError, PickleRefusedError
 
 
 def home() -> Path:
@@ -46,6 +50,53 @@ DEFAULT_BASE = "smollm2-135m"
 #: Written beside an adapter by the train stage: its method and whether its base was quantized.
 ADAPTER_META = "agentpeft-adapter.json"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+#: Weight files that are Python pickles: loading one can run code, so they need ``allow_pickle``.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_allow_pickle: ContextVar[bool] = ContextVar("agentpeft_allow_pickle", default=False)
+
+
+@contextmanager
+def pickle_allowed(allow: bool = True):
+    """Within this block, folders whose weights are pickles only are loaded instead of refused."""
+    token = _allow_pickle.set(allow)
+    try:
+        yield
+    finally:
+        _allow_pickle.reset(token)
+
+
+def accepts_allow_pickle(func):
+    """Give an API function an ``allow_pickle: bool = False`` keyword that runs it in ``pickle_allowed``."""
+
+    @functools.wraps(func)
+    def wrapper(*args, allow_pickle: bool = False, **kwargs):
+        with pickle_allowed(allow_pickle):
+            return func(*args, **kwargs)
+
+    params = list(inspect.signature(func).parameters.values())
+    extra = inspect.Parameter("allow_pickle", inspect.Parameter.KEYWORD_ONLY, default=False, annotation="bool")
+    at = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
+    wrapper.__signature__ = inspect.signature(func).replace(parameters=[*params[:at], extra, *params[at:]])
+    return wrapper
+
+
+def check_weights(folder: Path | str, what: str = "model") -> bool:
+    """True if ``folder`` holds safetensors weights; False if pickles only and ``allow_pickle`` is on.
+
+    Pickle-only folders are refused otherwise: unpickling a file can run arbitrary code.
+    """
+    folder = Path(folder)
+    if any(folder.glob("*.safetensors")):
+        return True
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES) if folder.is_dir() else []
+    if not pickles:
+        raise AgentpeftError(f"{what} folder {folder} has no .safetensors weights; only safetensors are loaded")
+    if not _allow_pickle.get():
+        raise PickleRefusedError(
+            f"{what} folder {folder} holds pickle weights ({', '.join(pickles)}), which can run code when loaded; "
+            "convert them to safetensors, or pass --allow-pickle (allow_pickle=True) if you trust their source"
+        )
+    return False
 
 
 def models_dir() -> Path:
@@ -158,8 +209,7 @@ def resolve_base(spec: str | None, log=print) -> Path:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise AgentpeftError(f"base model folder {path} has no config.json; point --base at a transformers checkpoint")
-        if not list(path.glob("*.safetensors")):
-            raise AgentpeftError(f"base model folder {path} has no .safetensors weights; only safetensors are loaded")
+        check_weights(path, "base model")
         return path
     if _HUB_ID.match(spec):
         try:
@@ -226,7 +276,8 @@ def load_model(folder: Path | str, quantized: bool = False, dequantized: bool = 
     import torch
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict = {"dtype": torch.float32, "use_safetensors": True, "trust_remote_code": False}
+    # Allowed pickles still go through torch's weights_only unpickler; remote code never runs.
+    kwargs: dict = {"dtype": torch.float32, "use_safetensors": check_weights(folder), "trust_remote_code": False}
     if quantized or dequantized:
         kwargs["quantization_config"] = nf4_config()
         kwargs["device_map"] = _device()
@@ -257,6 +308,7 @@ def load_tuned(base_dir: Path | str, adapter_dir: Path | str, merge: bool = Fals
     from peft import PeftModel
 
     meta = adapter_meta(adapter_dir)
+    check_weights(adapter_dir, "adapter")
     model = PeftModel.from_pretrained(load_model(base_dir, dequantized=meta["quantized_base"]), str(adapter_dir))
     return (model.merge_and_unload() if merge and meta["mergeable"] else model).eval()
 

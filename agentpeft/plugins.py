@@ -29,6 +29,8 @@ pm.add_hookspecs(hookspecs)
 failed_plugins: dict[str, str] = {}
 #: The distribution each third-party plugin came from: ``{name: "package version"}``.
 plugin_packages: dict[str, str] = {}
+#: Entry points not loaded because ``AGENTPEFT_DISABLE_PLUGINS`` names them (or is ``1``).
+disabled_plugins: list[str] = []
 
 _loaded = False
 
@@ -52,10 +54,11 @@ def load_plugins() -> pluggy.PluginManager:
         if not pm.has_plugin(name):
             pm.register(importlib.import_module(name), name)
     disabled = _disabled()
-    if disabled is True:
-        return pm
     for ep in entry_points(group="agentpeft"):
-        if ep.name in disabled or pm.has_plugin(ep.name):
+        if disabled is True or ep.name in disabled:
+            disabled_plugins.append(ep.name)  # never imported: its code does not run
+            continue
+        if pm.has_plugin(ep.name):
             continue
         try:
             pm.register(ep.load(), ep.name)

@@ -120,8 +120,14 @@ class Recipe(_Strict):
         path = Path(path)
         try:
             raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError) as exc:
-            raise AgentpeftError(f"cannot read recipe file {path}: {exc}") from None
+        except OSError as exc:
+            raise AgentpeftError(f"cannot read recipe file {path}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:  # its own message spans several lines: keep the gist and where
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise AgentpeftError(f"cannot read recipe file {path}: invalid YAML"
+                                 f"{f' ({exc.problem})' if getattr(exc, 'problem', None) else ''}{where}; "
+                                 "fix the file and retry") from None
         if not isinstance(raw, dict):
             raise AgentpeftError(f"recipe file {path} must hold a mapping of fields, not {type(raw).__name__}")
         try:
@@ -173,6 +179,8 @@ def configure(recipe: str | Recipe, kb: str | Path | None = None, base: str | No
         first = exc.errors()[0]
         raise AgentpeftError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
     update: dict = {"train": train_cfg}
+    if kb is not None and not str(kb).strip():
+        raise AgentpeftError("--kb is empty; pass a knowledge-base folder or file")
     if kb is not None:
         update["knowledge_base"] = Path(kb).resolve()
     if base is not None:

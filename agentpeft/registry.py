@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,9 +22,16 @@ def registry_dir() -> Path:
     return home() / "registry"
 
 
+#: Names Windows reserves for devices: a folder so named cannot be created or copied there.
+_RESERVED = {"con", "prn", "aux", "nul", *(f"{d}{i}" for d in ("com", "lpt") for i in range(1, 10))}
+
+
 def check_name(name: str) -> str:
     """A registry name: lower case letters, digits, '.', '_' and '-', no path parts."""
-    if not _NAME.match(name or "") or ".." in name:
+    if name and name.split(".")[0] in _RESERVED:
+        raise AgentpeftError(f"invalid model name {name!r}: {name.split('.')[0]!r} is a reserved device name "
+                             "on Windows; pick another --name")
+    if not _NAME.match(name or "") or ".." in name or name.endswith("."):
         raise AgentpeftError(
             f"invalid model name {name!r}: use lower-case letters, digits, '.', '_' or '-' "
             "(at most 64 characters, no slashes), e.g. --name my-bot"
@@ -127,28 +135,46 @@ def publish(name: str, files: dict[str, Path], manifest: dict) -> tuple[int, Pat
 
     Folders are moved (they are the build's own scratch output), single files copied.
 
-    Everything is written into a staging folder beside the versions and renamed into place,
-    so an interrupted publish never leaves a half entry.
+    Everything is written into a staging folder (``AGENTPEFT_HOME/staging``) and renamed into
+    place, so an interrupted publish never leaves a half entry.
     """
     check_name(name)
     with _lock(name) as folder:
         version = (versions(name) or [0])[-1] + 1
-        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=folder))
+        # Staged outside registry/ (same disk, so the rename is atomic): a publish killed before
+        # the rename leaves the registry exactly as it was. Under the lock, any staging folder
+        # of this name was left by a killed publish.
+        aside = home() / "staging"
+        aside.mkdir(parents=True, exist_ok=True)
+        for stale in aside.glob(f"{name}@*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        staging = Path(tempfile.mkdtemp(prefix=f"{name}@", dir=aside))
+        moved: list[tuple[Path, Path]] = []
         try:
             for dest, src in files.items():
                 target = staging / dest
                 if src.is_dir():
                     shutil.move(str(src), str(target))
+                    moved.append((target, src))
                 else:
                     shutil.copy2(src, target)
             manifest = {**manifest, "name": name, "version": version}
             (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
             (staging / "README.md").write_text(model_card(manifest))
+            _test_kill_point("publish:before-rename")
             os.rename(staging, folder / str(version))
         except BaseException:
+            for target, src in moved:  # give the build its folders back, so it can be resumed
+                shutil.move(str(target), str(src))
             shutil.rmtree(staging, ignore_errors=True)
             raise
     return version, folder / str(version)
+
+
+def _test_kill_point(point: str) -> None:
+    """Fault-injection hook for tests: ``AGENTPEFT_TEST_KILL_AT=POINT`` SIGKILLs the process here."""
+    if os.environ.get("AGENTPEFT_TEST_KILL_AT") == point:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def model_card(m: dict) -> str:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
+import functools
+import inspect
 import json
+import os
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -10,9 +14,9 @@ from pathlib import Path
 from typing import Callable
 
 from .. import __version__
-from ..errors import AgentpeftError
-from ..models import ALIASES, base_info, home, load_tokenizer, resolve_base
-from ..recipe import Recipe, configure
+from ..errors import AgentpeftError, disk_error
+from ..models import ALIASES, accepts_allow_pickle, base_info, home, load_tokenizer, resolve_base
+from ..recipe import Recipe, configure, get_recipe
 from ..progress import set_enabled
 from ..registry import check_name, publish
 from ..retrieval import KB_FILE, save_chunks
@@ -37,6 +41,47 @@ class BuildResult:
     train: TrainResult | None = None
 
 
+def _exclusive(run: Callable[..., BuildResult]) -> Callable[..., BuildResult]:
+    """Run a build holding its name's build lock, with ``allow_pickle``, disk errors made one line.
+
+    A second build of the same name fails at once (it does not wait) with an error naming the lock.
+    The lock is an flock on ``AGENTPEFT_HOME/locks/build-NAME.lock``: the kernel drops it when the
+    holder dies, so a killed build never leaves a stale lock behind.
+    """
+
+    @functools.wraps(run)
+    def wrapper(*args, **kwargs) -> BuildResult:
+        bound = inspect.signature(run).bind(*args, **kwargs)
+        if not isinstance(bound.arguments["recipe"], Recipe):
+            bound.arguments["recipe"] = get_recipe(bound.arguments["recipe"])
+        name = bound.arguments.get("name")
+        name = check_name(bound.arguments["recipe"].name if name is None else name)
+        try:
+            lock_path = home() / "locks" / f"build-{name}.lock"
+            lock_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(lock_path, "a+") as lock:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    lock.seek(0)
+                    holder = lock.read().strip() or "unknown"
+                    raise AgentpeftError(
+                        f"another build of {name!r} is running (pid {holder}, lock {lock_path}); "
+                        f"wait for it to finish or build under another --name") from None
+                lock.truncate(0)
+                lock.write(f"{os.getpid()}\n")
+                lock.flush()
+                return run(*bound.args, **bound.kwargs)
+        except OSError as exc:
+            error = disk_error(exc)
+            if error is None:
+                raise
+            raise AgentpeftError(f"{error} (a build cut short continues with --resume)") from exc
+
+    return accepts_allow_pickle(wrapper)
+
+
+@_exclusive
 def build(recipe: str | Recipe, kb: str | Path | None = None, name: str | None = None,
           base: str | None = None, allow_regression: bool = False, resume: bool = False,
           show_progress: bool = True, log: Callable[[str], None] = print, until: str = "register",

@@ -14,7 +14,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Callable
 
-from ..errors import AgentpeftError
+from ..errors import AgentpeftError, PickleRefusedError
+from ..models import accepts_allow_pickle
 from ..plugins import collect
 from ..progress import bar
 
@@ -304,6 +305,7 @@ def plot_comparison(result: EvalResult, path: Path) -> None:
     plt.close(fig)
 
 
+@accepts_allow_pickle
 def evaluate_model(ref: str, data: Path | str | None = None, metric_names: list[str] | None = None,
                    max_new_tokens: int = 64, batch_size: int = 16, judge: str | None = None) -> dict:
     """Evaluate a registered model (``NAME[@VERSION]``) or a base model on question/answer pairs.
@@ -316,11 +318,15 @@ def evaluate_model(ref: str, data: Path | str | None = None, metric_names: list[
 
     try:
         model, tokenizer, manifest = registry.load(ref)
+    except PickleRefusedError:
+        raise
     except AgentpeftError:
         manifest = None
     if manifest is None:
         try:
             base = resolve_base(ref, log=lambda s: None)
+        except PickleRefusedError:
+            raise
         except AgentpeftError:
             raise AgentpeftError(f"{ref!r} is neither a registered model (see `agentpeft list`) nor a base model "
                                  "(an alias, a local folder or a hub id)") from None

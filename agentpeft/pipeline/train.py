@@ -155,9 +155,13 @@ def plot_loss(history: list[dict], path: Path) -> None:
 
 
 def _last_checkpoint(folder: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+    """The newest complete checkpoint: the Trainer writes trainer_state.json last, so a checkpoint
+    cut short by a kill (which the Trainer does not write atomically) lacks it and is skipped."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    steps = {int(p.name.rpartition("-")[2]): p for p in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+             if p.name.rpartition("-")[2].isdigit() and (p / "trainer_state.json").is_file()}
+    return str(steps[max(steps)]) if steps else None
 
 
 def _progress_callback():
