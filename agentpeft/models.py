@@ -317,3 +317,26 @@ def _device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 64,
+             batch_size: int = 16, progress=None) -> list[str]:
+    """Greedy replies to chat prompts, generated in left-padded batches of similar length."""
+    import torch
+
+    tokenizer.padding_side = "left"
+    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out: dict[int, str] = {}
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = {k: v.to(model.device) for k, v in enc.items()}
+        with torch.inference_mode():
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+        for i, row in zip(idx, gen[:, enc["input_ids"].shape[1]:]):
+            out[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
+        if progress:
+            progress(len(idx))
+    return [out[i] for i in range(len(texts))]

@@ -38,6 +38,8 @@ class DataConfig(_Strict):
     paraphrases: int = Field(0, ge=0, le=8, description="extra phrasings generated per question")
     teacher: str | None = Field(None, description="teacher chat model: a registered name, 'base' or provider:model")
     redact_pii: bool = False
+    replay: int = Field(96, ge=0, description="general prompts the base model answers, mixed into train by the "
+                                              "replay generator (self-distillation against forgetting)")
     dedup_threshold: float = Field(0.85, gt=0, le=1, description="MinHash Jaccard above which pairs are near-duplicates")
 
 

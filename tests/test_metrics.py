@@ -82,3 +82,9 @@ def test_judge_grades_replies_against_references():
     graded = judge_replies(judge, rows, ["It is 2 years.", "It is blue.", ""])
     assert graded == {"score": round(1 / 3, 4), "unparsed": 1}
     assert all("Question: " in p and "CORRECT or INCORRECT" in p for p in judge.prompts)
+
+
+def test_accuracy_key_alternatives():
+    refs = [{"answer": "Four.", "key": "4|four"}, {"answer": "USA", "key": "United States|USA"}]
+    assert answer_accuracy(["It has four legs.", "The U.S.A."], refs) == 0.5
+    assert answer_accuracy(["4", "the United States"], refs) == 1.0

@@ -178,6 +178,43 @@ def teacher_pairs(documents, recipe):
     return synthesize(model, [d for d in documents if not d.metadata.get("question")])
 
 
+def replay_pairs(documents, recipe):
+    """General prompts that ship with agentpeft, answered by the base model itself (train-only).
+
+    Mixed into train, this self-distilled replay data keeps the tuned model close to its base away
+    from the knowledge base, which limits forgetting. Answers are cached per base model.
+    """
+    import hashlib
+    import json
+    from importlib import resources
+
+    from ..models import generate, home, load_model, load_tokenizer, resolve_base, weights_hash
+
+    prompts = resources.files("agentpeft").joinpath("data", "replay_prompts.txt").read_text(encoding="utf-8")
+    prompts = [line.strip() for line in prompts.splitlines() if line.strip()][: recipe.data.replay]
+    if not prompts:
+        return []
+    folder = resolve_base(recipe.base_model, log=lambda s: None)
+    system = recipe.system_prompt
+    key = hashlib.sha256(json.dumps([weights_hash(folder), system, prompts, REPLAY_TOKENS]).encode()).hexdigest()
+    cached = home() / "cache" / "replay" / f"{key[:32]}.json"
+    if cached.is_file():
+        answers = json.loads(cached.read_text())
+    else:
+        chats = [[{"role": "system", "content": system}, {"role": "user", "content": p}] for p in prompts]
+        answers = generate(load_model(folder), load_tokenizer(folder), chats, REPLAY_TOKENS)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(".tmp")
+        tmp.write_text(json.dumps(answers))
+        tmp.replace(cached)
+    return [Pair(question=q, answer=a, source="agentpeft:replay_prompts.txt", held_out=False)
+            for q, a in zip(prompts, answers) if a.strip()]
+
+
+#: Longest replay answer, in tokens: long enough for a full short answer, short enough to stay cheap.
+REPLAY_TOKENS = 64
+
+
 @hookimpl
 def register_generators(register):
     register(Generator("faq", faq_pairs))
@@ -185,3 +222,4 @@ def register_generators(register):
     register(Generator("qa", qa_pairs))
     register(Generator("sections", section_pairs))
     register(Generator("teacher", teacher_pairs))
+    register(Generator("replay", replay_pairs))

@@ -23,11 +23,15 @@ def _mean(values: list[float]) -> float:
 
 
 def answer_accuracy(predictions: list[str], references: list[dict]) -> float:
-    """Share of replies that contain the normalized key fact (the normalized answer without a key)."""
+    """Share of replies that contain the normalized key fact (the normalized answer without a key).
+
+    A key may list alternatives separated by ``|`` (``4|four``); any one of them counts.
+    """
     hits = []
     for pred, ref in zip(predictions, references):
-        key = normalize(ref.get("key") or ref["answer"])
-        hits.append(1.0 if key and f" {key} " in f" {normalize(pred)} " else 0.0)
+        keys = [normalize(k) for k in (ref.get("key") or ref["answer"]).split("|")]
+        reply = f" {normalize(pred)} "
+        hits.append(1.0 if any(k and f" {k} " in reply for k in keys) else 0.0)
     return _mean(hits)
 
 

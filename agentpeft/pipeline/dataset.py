@@ -41,6 +41,8 @@ class Pair:
     generator: str = ""
     #: Other phrasings of the question that the generator knows (they keep the meaning exactly).
     paraphrases: list[str] = field(default_factory=list)
+    #: False for train-only pairs (general replay data): trained as they are, never held out.
+    held_out: bool = True
 
 
 @dataclass(frozen=True)
@@ -183,6 +185,11 @@ def phrase(pairs: list[Pair], train_phrasings: int, seed: int) -> tuple[list[dic
     rng = random.Random(seed)
     train, held_out = [], []
     for i, pair in enumerate(pairs):
+        base = {"answer": pair.answer, "key": pair.key or pair.answer, "source": pair.source,
+                "generator": pair.generator, "fact_id": i}
+        if not pair.held_out:
+            train.append({"question": pair.question, **base})
+            continue
         forms = _forms(pair.question)
         wrapped = [w.format(**forms) for w in TRAIN_WRAPPERS]
         if pair.paraphrases:
@@ -197,8 +204,6 @@ def phrase(pairs: list[Pair], train_phrasings: int, seed: int) -> tuple[list[dic
             if _norm(q) not in seen and _norm(q) != _norm(eval_q):
                 seen.add(_norm(q))
                 questions.append(q)
-        base = {"answer": pair.answer, "key": pair.key or pair.answer, "source": pair.source,
-                "generator": pair.generator, "fact_id": i}
         train += [{"question": q, **base} for q in questions[:train_phrasings]]
         held_out.append({"question": eval_q, **base})
     # Across facts too: no held-out question text may occur in train.
@@ -269,6 +274,8 @@ def augment(pairs: list[Pair], n: int, recipe: "Recipe") -> int:
         from_teacher = paraphrase_questions(teacher, [p.question for p in pairs], n)
     added = 0
     for pair, extra in zip(pairs, from_teacher):
+        if not pair.held_out:
+            continue
         known = {_norm(pair.question), *(_norm(p) for p in pair.paraphrases)}
         new = [q for q in extra if _norm(q) not in known][:n]
         known |= {_norm(q) for q in new}

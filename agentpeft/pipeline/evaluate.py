@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import AgentpeftError, PickleRefusedError
-from ..models import accepts_allow_pickle
+from ..models import accepts_allow_pickle, generate
 from ..plugins import collect
 from ..progress import bar
 
@@ -72,35 +72,12 @@ def read_qa_jsonl(path: Path | str) -> list[dict]:
 
 
 def forgetting_probe() -> list[dict]:
-    """The general-knowledge questions shipped with agentpeft."""
+    """The general-knowledge questions shipped with agentpeft: those the default base model answers right."""
     return read_qa_jsonl(resources.files("agentpeft") / "data" / "forgetting_probe.jsonl")
 
 
 def general_text() -> str:
     return (resources.files("agentpeft") / "data" / "general_text.txt").read_text(encoding="utf-8")
-
-
-def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 64,
-             batch_size: int = 16, progress=None) -> list[str]:
-    """Greedy replies to chat prompts, generated in left-padded batches of similar length."""
-    import torch
-
-    tokenizer.padding_side = "left"
-    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    out: dict[int, str] = {}
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
-        enc = {k: v.to(model.device) for k, v in enc.items()}
-        with torch.inference_mode():
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
-        for i, row in zip(idx, gen[:, enc["input_ids"].shape[1]:]):
-            out[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
-        if progress:
-            progress(len(idx))
-    return [out[i] for i in range(len(texts))]
 
 
 def reference_perplexity(model, tokenizer, rows: list[dict], batch_size: int = 16) -> float:
@@ -228,7 +205,9 @@ def evaluate(base_dir: Path, adapter_dir: Path, eval_rows: list[dict], metric_na
     from ..models import load_model, load_tokenizer, load_tuned
 
     tokenizer = load_tokenizer(base_dir)
-    probe_rows = chat_rows(forgetting_probe(), system_prompt) if probe else []
+    # The probe asks as a plain chat, without the recipe's system prompt: it measures what the
+    # weights know in general use, in the setting in which it was curated (bench/curate_probe.py).
+    probe_rows = chat_rows(forgetting_probe(), None) if probe else []
     text_rows = [{"answer": general_text()}]
     figures, replies, forgetting = {}, {}, {}
     with bar(total=2 * (len(eval_rows) + len(probe_rows)), desc="evaluate", unit="answer") as progress:
