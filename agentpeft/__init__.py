@@ -20,7 +20,11 @@ _API = {
     "write_report": "agentpeft.report",
     "load_llm": "agentpeft.langchain",
 }
-__all__ = ["__version__", *_API]
+__all__ = ["__version__", "plan", *_API]
+
+# Bound eagerly (the module is light): importing the submodule agentpeft.plan later would otherwise
+# shadow the lazily looked-up verb with the module object.
+from .plan import plan  # noqa: E402
 
 
 def __getattr__(name: str):
