@@ -24,7 +24,11 @@ _API = {
     "get_tools": "agentpeft.langchain",
     "create_agent": "agentpeft.langchain",
 }
-__all__ = ["__version__", *_API]
+__all__ = ["__version__", "plan", *_API]
+
+# Bound eagerly (the module is light): importing the submodule agentpeft.plan later would otherwise
+# shadow the lazily looked-up verb with the module object.
+from .plan import plan  # noqa: E402
 
 
 def __getattr__(name: str):

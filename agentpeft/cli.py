@@ -337,5 +337,27 @@ def serve(ref, host, port):
     run_server(name, host, port, version, log=click.echo)
 
 
+@cli.command()
+@click.option("--base", required=True, help="Model: a folder with config.json, an alias, or a hub id in the local cache.")
+@click.option("--method", type=click.Choice(["qlora", "lora", "full"]), default="qlora", show_default=True)
+@click.option("--r", type=int, default=16, show_default=True, help="LoRA rank.")
+@click.option("--alpha", type=int, default=32, show_default=True, help="LoRA alpha.")
+@click.option("--target-modules", default="all-linear", show_default=True, help="Comma-separated module names, or all-linear.")
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--seq-len", type=int, default=256, show_default=True, help="Padded sequence length, in tokens.")
+@click.option("--gradient-checkpointing", is_flag=True, help="Estimate with gradient checkpointing.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
+              help="Weights (lora, full) and activations.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def plan(base, target_modules, as_json, **options):
+    """Estimate the memory a training run needs, from the model config alone (no weights)."""
+    from .plan import plan as make_plan
+
+    modules = target_modules if target_modules == "all-linear" else [m.strip() for m in target_modules.split(",")]
+    result = make_plan(base, target_modules=modules, **options)
+    _emit(result.to_dict(), as_json, result.table())
+
+
 load_plugins()
 pm.hook.register_commands(cli=cli)

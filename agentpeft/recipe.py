@@ -62,6 +62,7 @@ class TrainConfig(_Strict):
     virtual_tokens: int = Field(20, ge=1, description="prefix and prompt tuning")
     gradient_checkpointing: bool = False
     group_by_length: bool = Field(True, description="batch examples of similar length: less padding")
+    padding_free: bool = Field(False, description="concatenate a batch into one row with position_ids, no padding")
     save_steps: int = Field(0, ge=0, description="checkpoint every N steps; 0 = four times per run")
     report_to: list[Literal["none", "tensorboard", "wandb"]] = ["none"]
     seed: int = 42

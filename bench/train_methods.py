@@ -4,7 +4,8 @@ Each method runs in its own process: a few training steps on the support-bot dat
 agentpeft's train stage (full fine-tuning through the same SFTTrainer without peft), then the
 adapter is loaded back and generates. Records peak resident memory (whole run, and the training
 phase alone: the kernel's high-water mark is reset after the model is loaded), tokens per second
-and the final loss. Writes bench/results/train_methods.json.
+and the final loss. For qlora, lora and full it also records ``agentpeft plan``'s estimate for the
+largest batch the run saw, next to the measured peak. Writes bench/results/train_methods.json.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 METHODS = ("qlora", "lora", "dora", "prefix", "prompt", "full")
+#: Methods that ``agentpeft plan`` estimates.
+PLANNED = ("qlora", "lora", "full")
 
 
 def peak_rss_kib() -> int:
@@ -64,16 +67,40 @@ def run_one(method: str, steps: int, workdir: Path) -> dict:
         return real(model, config, *a, **k)
 
     peft.get_peft_model = measured
+    import trl
+
+    real_loss = trl.SFTTrainer.compute_loss
+    largest = {"tokens": 0}
+
+    def watched(self, model, inputs, *a, **k):
+        batch, length = inputs["input_ids"].shape
+        if batch * length > largest["tokens"]:
+            largest.update(tokens=batch * length, batch=batch, length=length)
+        return real_loss(self, model, inputs, *a, **k)
+
+    trl.SFTTrainer.compute_loss = watched
     try:
         result = train_stage.train(base, data.path, workdir, recipe.train, log=lambda s: None)
     finally:
         peft.get_peft_model = real
+        trl.SFTTrainer.compute_loss = real_loss
     row = {"method": method, "steps": result.steps, "final_loss": round(result.final_loss, 4),
            "train_seconds": round(result.seconds, 1), "tokens": result.tokens,
            "tokens_per_second": round(result.tokens / result.seconds, 1),
            "trainable_params": result.trainable_params,
            "peak_rss_training_gib": round(peak_rss_kib() / 2**20, 3),
            "rss_after_load_gib": round(loaded["rss_after_load_kib"] / 2**20, 3)}
+    if method in PLANNED:
+        from agentpeft.plan import plan
+
+        estimate = plan(str(base), method, r=recipe.train.r, target_modules=recipe.train.target_modules,
+                        batch_size=largest["batch"], seq_len=largest["length"], dropout=recipe.train.dropout,
+                        gradient_checkpointing=recipe.train.gradient_checkpointing)
+        measured_gib = row["peak_rss_training_gib"]
+        row["plan"] = {"batch": largest["batch"], "seq_len": largest["length"],
+                       "estimate_gib": round(estimate.total_bytes / 2**30, 3),
+                       "error": round(estimate.total_bytes / 2**30 / measured_gib - 1, 3),
+                       "components_gib": {k: round(v / 2**30, 3) for k, v in estimate.components.items()}}
     if method != "full":
         model = load_tuned(base, result.adapter_dir, merge=True)
         reply = generate(model, load_tokenizer(base), [[{"role": "system", "content": recipe.system_prompt},

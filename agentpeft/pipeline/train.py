@@ -63,6 +63,11 @@ def train(base_dir: Path, dataset_dir: Path, out_dir: Path, cfg: TrainConfig, re
             raise AgentpeftError(f"--report-to {logger} needs the {logger} package; pip install {logger}")
     torch.manual_seed(cfg.seed)
     train_set = load_from_disk(str(dataset_dir))["train"]
+    if cfg.padding_free and "n_tokens" in train_set.column_names:
+        longer = sum(n > cfg.max_seq_len for n in train_set["n_tokens"])
+        if longer:
+            raise AgentpeftError(f"padding_free trains untruncated pairs, but {longer} are longer than --max-seq-len "
+                                 f"{cfg.max_seq_len}; raise --max-seq-len or turn padding_free off")
     tokenizer = load_tokenizer(base_dir)
     tokenizer.padding_side = "right"
     quantized = cfg.method == "qlora"
@@ -100,8 +105,11 @@ def train(base_dir: Path, dataset_dir: Path, out_dir: Path, cfg: TrainConfig, re
         bf16=cuda and torch.cuda.is_bf16_supported(),
         use_cpu=not cuda,
         completion_only_loss=True,
-        max_length=cfg.max_seq_len,
+        # TRL does not truncate padding-free batches; the check above keeps every pair within max_seq_len.
+        max_length=None if cfg.padding_free else cfg.max_seq_len,
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        # One row per batch, examples kept apart by position_ids (transformers builds a block-diagonal mask).
+        padding_free=cfg.padding_free,
         gradient_checkpointing=False,  # set on the model above, before peft wraps it
         disable_tqdm=True,  # replaced by _ProgressBar: one bar with the loss, no dict per step
         dataloader_num_workers=0,
