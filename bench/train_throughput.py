@@ -208,7 +208,7 @@ def peak_memory_gib() -> float:
 
 def child(side: str, base: Path, data: Path, steps: int, overrides: dict, evaluate: bool = True) -> dict:
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from agentpeft.models import load_tokenizer
     from agentpeft.plan import meta_model
