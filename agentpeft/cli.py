@@ -73,6 +73,10 @@ JUDGE_HELP = ("Also grade the replies with this chat model: provider:model (init
               "a registered model or a base model; reported beside the metrics.")
 
 
+STRICT_OPTION = click.option("--strict", is_flag=True, default=None,
+                             help="Fail on unreadable, binary or non-UTF-8 knowledge-base files instead of skipping them.")
+
+
 def recipe_run_options(command):
     """The options of the commands that run a recipe's stages (build, train)."""
     for option in reversed((
@@ -129,13 +133,15 @@ def train(recipe, kb, name, base, resume, quiet, allow_pickle, **train):
 @click.option("--preview", type=int, default=3, show_default=True, help="Print N sample training pairs.")
 @click.option("--no-cache", is_flag=True, help="Rebuild even if an identical dataset is cached.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def data(recipe, kb, out, base, teacher, preview, no_cache, quiet):
+@STRICT_OPTION
+def data(recipe, kb, out, base, teacher, preview, no_cache, quiet, strict):
     """Run only ingest and the dataset stage of RECIPE: pairs, filters, split, card."""
     from .pipeline.dataset import make_dataset
     from .progress import set_enabled
 
     set_enabled(not quiet)
-    result = make_dataset(recipe, kb=kb, out=out, base=base, teacher=teacher, cache=not no_cache, log=click.echo,
+    result = make_dataset(recipe, kb=kb, out=out, base=base, teacher=teacher, cache=not no_cache, strict=strict,
+                          log=click.echo,
                           on_stage=lambda stage, summary: click.echo(f"{stage}: {summary}"))
     folder = result.path.parent
     click.echo(f"wrote {folder} (DatasetDict in dataset/, train.jsonl, eval.jsonl, dataset_card.md, token_lengths.png)")

@@ -172,8 +172,9 @@ def get_recipe(name: str) -> Recipe:
 
 
 def configure(recipe: str | Recipe, kb: str | Path | None = None, base: str | None = None,
-              **train_overrides) -> Recipe:
-    """The recipe with command-line overrides applied (``train_overrides`` are TrainConfig fields)."""
+              strict: bool | None = None, **train_overrides) -> Recipe:
+    """The recipe with command-line overrides applied (``train_overrides`` are TrainConfig fields;
+    ``strict`` fails on unreadable knowledge-base files instead of skipping them)."""
     recipe = recipe if isinstance(recipe, Recipe) else get_recipe(recipe)
     over = {k: v for k, v in train_overrides.items() if v is not None}
     try:
@@ -188,4 +189,6 @@ def configure(recipe: str | Recipe, kb: str | Path | None = None, base: str | No
         update["knowledge_base"] = Path(kb).resolve()
     if base is not None:
         update["base_model"] = base
+    if strict:
+        update["data"] = recipe.data.model_copy(update={"strict": True})
     return recipe.model_copy(update=update)

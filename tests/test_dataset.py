@@ -514,3 +514,20 @@ def test_base_model_as_teacher_is_a_langchain_chat_model(tiny_base):
     # A random-init model writes no usable JSON: its replies are counted, never trusted.
     pairs = synthesize(teacher, _teacher_docs()[:1])
     assert all(grounded(p.answer, HUB) for p in pairs)
+
+
+def test_strict_flag_turns_skipped_files_into_an_error(tmp_path, tiny_base, home):
+    from click.testing import CliRunner
+
+    from agentpeft.cli import cli
+
+    kb = tmp_path / "kb"
+    kb.mkdir()
+    (kb / "faq.md").write_text("## How long is the warranty?\n\nThe warranty lasts **two years**.\n")
+    (kb / "broken.md").write_bytes(b"\xff\xfe\x00binary\x00")
+    args = ["data", "support-bot", "--kb", str(kb), "--base", str(tiny_base), "--quiet", "--preview", "0"]
+    lenient = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "a")])
+    assert lenient.exit_code == 0, lenient.output
+    strict = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "b"), "--strict"])
+    assert strict.exit_code == 1 and "broken.md" in strict.output and "Traceback" not in strict.output
+    assert not (tmp_path / "b").exists()

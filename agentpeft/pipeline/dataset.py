@@ -623,7 +623,7 @@ def _copy_dir(src: Path, out_dir: Path) -> None:
 
 
 def make_dataset(recipe: "str | Recipe", kb: str | Path | None = None, out: str | Path | None = None,
-                 base: str | None = None, teacher: Any = None, *, cache: bool = True,
+                 base: str | None = None, teacher: Any = None, *, cache: bool = True, strict: bool | None = None,
                  log: Callable[[str], None] = print,
                  on_stage: Callable[[str, str], None] | None = None) -> DatasetResult:
     """Run ingest and the dataset stage for a recipe: the ``agentpeft data`` verb, also used by ``build``.
@@ -631,13 +631,13 @@ def make_dataset(recipe: "str | Recipe", kb: str | Path | None = None, out: str 
     ``teacher`` is a model name, ``base``, a provider string (``openai:gpt-4o-mini``) or a LangChain
     chat model. With ``cache`` an unchanged knowledge base and unchanged settings reuse the dataset
     cached under ``AGENTPEFT_HOME/cache/datasets/<hash>/``. ``on_stage(stage, summary)`` is called
-    after ingest and after the dataset stage.
+    after ingest and after the dataset stage. ``strict`` fails on unreadable files instead of skipping them.
     """
     from ..models import load_tokenizer, resolve_base
     from ..recipe import configure
     from .ingest import ingest
 
-    recipe = configure(recipe, kb, base)
+    recipe = configure(recipe, kb, base, strict)
     if recipe.kb_path is None:
         raise AgentpeftError(f"recipe {recipe.name!r} has no knowledge base; pass --kb PATH")
     model_object = teacher is not None and not isinstance(teacher, str)
