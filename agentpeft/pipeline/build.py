@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import inspect
@@ -56,6 +57,8 @@ def _exclusive(run: Callable[..., BuildResult]) -> Callable[..., BuildResult]:
             bound.arguments["recipe"] = get_recipe(bound.arguments["recipe"])
         name = bound.arguments.get("name")
         name = check_name(bound.arguments["recipe"].name if name is None else name)
+        if _rank() != 0:  # under `accelerate launch`, the main process holds the lock for all
+            return run(*bound.args, **bound.kwargs)
         try:
             lock_path = home() / "locks" / f"build-{name}.lock"
             lock_path.parent.mkdir(parents=True, exist_ok=True)
@@ -105,7 +108,9 @@ def build(recipe: str | Recipe, kb: str | Path | None = None, name: str | None =
         from ..langchain import collect_tools
 
         collect_tools(recipe)  # an unknown tool name fails here, not after training
-    stamp = datetime.now(timezone.utc)
+    stamp = _launch_time() or datetime.now(timezone.utc)
+    if _rank() != 0:
+        log = lambda line: None  # noqa: E731  (one copy of the log: the main process's)
     build_dir = (resume and _unfinished_build(name)) or home() / "builds" / name / stamp.strftime("%Y%m%dT%H%M%S")
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
@@ -121,7 +126,8 @@ def build(recipe: str | Recipe, kb: str | Path | None = None, name: str | None =
         resolve_base(recipe.base_model, log=log)  # a bad --base fails before any stage; aliases are pulled later
     previous = _dataset_hash(build_dir)
     # Ingest, then the dataset stage, skipped when the knowledge base and data settings are unchanged.
-    data = make_dataset(recipe, out=build_dir / "data", log=log, on_stage=done)
+    with _main_process_first():
+        data = make_dataset(recipe, out=build_dir / "data", log=log, on_stage=done)
     base_dir = resolve_base(recipe.base_model, log=log)
     documents = data.documents
     save_chunks(documents, build_dir / KB_FILE)  # the registered model carries its knowledge base (kb_search)
@@ -137,7 +143,7 @@ def build(recipe: str | Recipe, kb: str | Path | None = None, name: str | None =
                                      recipe.retrieval.distractors, recipe.train.max_seq_len, recipe.data.seed)
     trained = train(base_dir, train_data, build_dir, recipe.train, resume=resume, log=log)
     done("train", trained.summary())
-    if until == "train":
+    if until == "train" or _rank() != 0:
         return BuildResult(name, None, None, None, build_dir, seconds, trained)
 
     from datasets import load_from_disk
@@ -208,6 +214,30 @@ def build(recipe: str | Recipe, kb: str | Path | None = None, name: str | None =
 def train_recipe(recipe: str | Recipe, **options) -> BuildResult:
     """ingest -> dataset -> train only: the adapter lands in the build folder, nothing is registered."""
     return build(recipe, until="train", **options)
+
+
+def _rank() -> int:
+    """This process's rank under ``accelerate launch`` (torchrun sets RANK); 0 when run alone."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def _launch_time() -> datetime | None:
+    """Under ``accelerate launch``, the launcher's start time: every rank picks the same build folder."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import psutil
+
+    return datetime.fromtimestamp(int(psutil.Process(os.getppid()).create_time()), timezone.utc)
+
+
+def _main_process_first():
+    """Under ``accelerate launch``, the main process writes the dataset before the others reuse it."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return contextlib.nullcontext()
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available()).main_process_first()
 
 
 def _unfinished_build(name: str) -> Path | None:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 from langchain_core.documents import Document
 
 from ..errors import AgentpeftError
+from ..models import file_sha256
 from ..plugins import collect
 from ..progress import bar
 
@@ -555,14 +556,6 @@ def _card_markdown(card: dict) -> str:
 
 # --- the stage's entry point, with caching ------------------------------------------------------
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def kb_hash(kb: Path) -> str:
     """sha256 over every file of a knowledge base: relative path and bytes, in path order."""
     kb = Path(kb)
@@ -571,7 +564,7 @@ def kb_hash(kb: Path) -> str:
     for path in files:
         digest.update(str(path.relative_to(kb) if path != kb else path.name).encode())
         try:
-            digest.update(_sha256_file(path).encode())
+            digest.update(file_sha256(path).encode())
         except OSError as exc:
             digest.update(f"unreadable:{exc.errno}".encode())
     return digest.hexdigest()
@@ -590,7 +583,7 @@ def dataset_cache_key(recipe: "Recipe", base_dir: Path) -> str:
     from .. import __version__
     from ..plugins import get_plugins
 
-    tokenizer = {name: _sha256_file(Path(base_dir) / name) for name in _TOKENIZER_FILES
+    tokenizer = {name: file_sha256(Path(base_dir) / name) for name in _TOKENIZER_FILES
                  if (Path(base_dir) / name).is_file()}
     payload = {
         "kb": kb_hash(recipe.kb_path),

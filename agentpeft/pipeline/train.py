@@ -130,6 +130,10 @@ def train(base_dir: Path, dataset_dir: Path, out_dir: Path, cfg: TrainConfig, re
         trainer.train(resume_from_checkpoint=checkpoint)
     seconds = time.perf_counter() - start
     adapter_dir = out_dir / "adapter"
+    if not trainer.is_world_process_zero():  # under `accelerate launch`, the main process writes the results
+        return TrainResult(adapter_dir, trainer.state.global_step, None, seconds, trainable, total, 0)
+    if args.world_size > 1:
+        log(f"trained data-parallel on {args.world_size} processes (accelerate)")
     model.save_pretrained(str(adapter_dir))
     (adapter_dir / ADAPTER_META).write_text(json.dumps(
         {"method": cfg.method, "quantized_base": quantized, "mergeable": cfg.method in MERGEABLE}, indent=2))
