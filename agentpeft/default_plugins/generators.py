@@ -182,7 +182,8 @@ def replay_pairs(documents, recipe):
     """General prompts that ship with agentpeft, answered by the base model itself (train-only).
 
     Mixed into train, this self-distilled replay data keeps the tuned model close to its base away
-    from the knowledge base, which limits forgetting. Answers are cached per base model.
+    from the knowledge base, which limits forgetting: every other prompt is asked under the recipe's
+    system prompt, the rest as a plain chat (general use). Answers are cached per base model.
     """
     import hashlib
     import json
@@ -196,23 +197,25 @@ def replay_pairs(documents, recipe):
         return []
     folder = resolve_base(recipe.base_model, log=lambda s: None)
     system = recipe.system_prompt
-    key = hashlib.sha256(json.dumps([weights_hash(folder), system, prompts, REPLAY_TOKENS]).encode()).hexdigest()
+    systems = [system if i % 2 == 0 else None for i in range(len(prompts))]
+    key = hashlib.sha256(json.dumps([weights_hash(folder), systems, prompts, REPLAY_TOKENS]).encode()).hexdigest()
     cached = home() / "cache" / "replay" / f"{key[:32]}.json"
     if cached.is_file():
         answers = json.loads(cached.read_text())
     else:
-        chats = [[{"role": "system", "content": system}, {"role": "user", "content": p}] for p in prompts]
+        chats = [([{"role": "system", "content": s}] if s else []) + [{"role": "user", "content": p}]
+                 for s, p in zip(systems, prompts)]
         answers = generate(load_model(folder), load_tokenizer(folder), chats, REPLAY_TOKENS)
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = cached.with_suffix(".tmp")
         tmp.write_text(json.dumps(answers))
         tmp.replace(cached)
-    return [Pair(question=q, answer=a, source="agentpeft:replay_prompts.txt", held_out=False)
-            for q, a in zip(prompts, answers) if a.strip()]
+    return [Pair(question=q, answer=a, source="agentpeft:replay_prompts.txt", held_out=False, system=s is not None)
+            for q, a, s in zip(prompts, answers, systems) if a.strip()]
 
 
 #: Longest replay answer, in tokens: long enough for a full short answer, short enough to stay cheap.
-REPLAY_TOKENS = 64
+REPLAY_TOKENS = 48
 
 
 @hookimpl

@@ -44,6 +44,8 @@ class Pair:
     paraphrases: list[str] = field(default_factory=list)
     #: False for train-only pairs (general replay data): trained as they are, never held out.
     held_out: bool = True
+    #: False: trained as a plain chat, without the recipe's system prompt.
+    system: bool = True
 
 
 @dataclass(frozen=True)
@@ -127,10 +129,10 @@ def context_window(tokenizer) -> int:
     return limit if isinstance(limit, int) and 0 < limit < 10**7 else 10**7
 
 
-def count_tokens(tokenizer, system_prompt: str, question: str, answer: str) -> tuple[str, int]:
-    """The rendered conversation (system, user, assistant) and its length in the base model's tokens."""
-    messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": question},
-                {"role": "assistant", "content": answer}]
+def count_tokens(tokenizer, system_prompt: str | None, question: str, answer: str) -> tuple[str, int]:
+    """The rendered conversation ([system,] user, assistant) and its length in the base model's tokens."""
+    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+        {"role": "user", "content": question}, {"role": "assistant", "content": answer}]
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     return text, len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -187,7 +189,7 @@ def phrase(pairs: list[Pair], train_phrasings: int, seed: int) -> tuple[list[dic
     train, held_out = [], []
     for i, pair in enumerate(pairs):
         base = {"answer": pair.answer, "key": pair.key or pair.answer, "source": pair.source,
-                "generator": pair.generator, "fact_id": i}
+                "generator": pair.generator, "fact_id": i, "system": pair.system}
         if not pair.held_out:
             train.append({"question": pair.question, **base})
             continue
@@ -401,9 +403,11 @@ def build_dataset(documents: list[Document], generators: list[str], tokenizer, s
     def render(rows: list[dict]) -> list[dict]:
         out = []
         for row in bar(iterable=rows, desc="render", unit="pair"):
-            text, n_tokens = count_tokens(tokenizer, system_prompt, row["question"], row["answer"])
+            system = system_prompt if row.get("system", True) else None
+            text, n_tokens = count_tokens(tokenizer, system, row["question"], row["answer"])
             if n_tokens <= max_seq_len:
-                prompt = [{"role": "system", "content": system_prompt}, {"role": "user", "content": row["question"]}]
+                prompt = ([{"role": "system", "content": system}] if system else []) + [
+                    {"role": "user", "content": row["question"]}]
                 completion = [{"role": "assistant", "content": row["answer"]}]
                 out.append({**row, "prompt": prompt, "completion": completion, "text": text, "n_tokens": n_tokens})
         return out
