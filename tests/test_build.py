@@ -106,7 +106,8 @@ def test_eval_command_on_registered_and_base_models(built, tiny_base, tmp_path, 
     own = runner.invoke(cli, ["eval", "support-bot", "--json", "--max-new-tokens", "4"])
     assert own.exit_code == 0, own.output
     figures = json.loads(own.output[own.output.index("{"):])
-    assert figures["model"] == "support-bot@1" and figures["n"] == 72
+    held_out = json.loads((built.path / "manifest.json").read_text())["dataset"]["splits"]["eval"]
+    assert figures["model"] == "support-bot@1" and figures["n"] == held_out
     assert set(figures["metrics"]) == {"accuracy", "rouge_l"}
     data = tmp_path / "qa.jsonl"
     data.write_text('{"question": "What is 2 + 2?", "answer": "4", "key": "4"}\n')
@@ -179,7 +180,8 @@ def test_html_report_has_tables_and_embedded_charts(built, monkeypatch, tmp_path
     parser.feed(out.read_text())
     assert parser.tables == ["comparison", "dataset", "training", "answers"]
     assert parser.images == ["data:image/png;base64,"] * 2
-    assert parser.rows > 72  # every held-out question has its row
+    held_out = json.loads((built.path / "manifest.json").read_text())["dataset"]["splits"]["eval"]
+    assert parser.rows > held_out  # every held-out question has its row
 
 
 @pytest.mark.skipif(not __import__("shutil").which("chromium"), reason="Chromium is not installed on this machine")
