@@ -74,6 +74,14 @@ class _Dist:
 
 
 def _fresh_plugins(monkeypatch, eps):
+    """A new plugin manager that sees only ``eps`` (not the plugin packages CI pip-installs)."""
+    import pluggy
+
+    from agentpeft import hookspecs
+
+    fresh = pluggy.PluginManager("agentpeft")
+    fresh.add_hookspecs(hookspecs)
+    monkeypatch.setattr(plugins, "pm", fresh)
     monkeypatch.setattr(plugins, "entry_points", lambda group: eps)
     monkeypatch.setattr(plugins, "_loaded", False)
     monkeypatch.setattr(plugins, "failed_plugins", {})
