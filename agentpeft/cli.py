@@ -98,13 +98,14 @@ def recipe_run_options(command):
 @recipe_run_options
 @click.option("--allow-regression", is_flag=True, help="Register even if the tuned model does not beat the base.")
 @click.option("--judge", help=JUDGE_HELP)
-def build(recipe, kb, name, base, resume, allow_regression, quiet, judge, allow_pickle, **train):
+@click.option("--eval-limit", type=click.IntRange(min=1), help="Evaluate a seeded sample of at most N held-out questions.")
+def build(recipe, kb, name, base, resume, allow_regression, quiet, judge, eval_limit, allow_pickle, **train):
     """Build RECIPE end to end: ingest, dataset, train, evaluate, merge, register."""
     from .pipeline.build import build as run_build
 
     result = run_build(recipe, kb=kb, name=name, base=base, allow_regression=allow_regression, resume=resume,
-                       show_progress=not quiet, log=click.echo, judge=judge, allow_pickle=allow_pickle,
-                       **_train_overrides(train))
+                       show_progress=not quiet, log=click.echo, judge=judge, eval_limit=eval_limit,
+                       allow_pickle=allow_pickle, **_train_overrides(train))
     click.echo("\n" + result.eval.table())
     if result.version is None:
         sys.exit(2)

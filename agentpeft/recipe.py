@@ -40,6 +40,8 @@ class DataConfig(_Strict):
     redact_pii: bool = False
     replay: int = Field(96, ge=0, description="general prompts the base model answers, mixed into train by the "
                                               "replay generator (self-distillation against forgetting)")
+    general: int = Field(128, ge=0, le=209, description="general-knowledge Q/A pairs (written by us, disjoint from the "
+                                                       "forgetting probe) mixed into train by the general generator")
     dedup_threshold: float = Field(0.85, gt=0, le=1, description="MinHash Jaccard above which pairs are near-duplicates")
 
 
@@ -49,7 +51,9 @@ class TrainConfig(_Strict):
     method: Literal["qlora", "lora", "dora", "prefix", "prompt"] = "qlora"
     r: int = Field(16, ge=1)
     alpha: int = Field(32, ge=1)
-    dropout: float = Field(0.05, ge=0, lt=1)
+    # peft's default; with dropout peft keeps a dropped-out copy of every adapted layer's input, which made
+    # an all-linear step a third slower here (docs/performance.md).
+    dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
     epochs: float = Field(3.0, gt=0)
     max_steps: int = Field(-1, ge=-1, description="-1: run the epochs; 0: save the adapter untrained")
@@ -74,8 +78,9 @@ class EvalConfig(_Strict):
     metrics: list[str] = ["accuracy", "rouge_l"]
     primary: str = "accuracy"
     max_new_tokens: int = Field(64, ge=1)
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(64, ge=1, description="prompts generated together")
     forgetting_probe: bool = True
+    max_questions: int | None = Field(None, ge=1, description="evaluate a seeded sample of at most N held-out questions")
 
     @field_validator("primary")
     @classmethod

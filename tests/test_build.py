@@ -216,3 +216,13 @@ def test_gate_refuses_a_zero_step_adapter_and_train_command_stops_before_eval(ti
     adapter = out.output.strip().splitlines()[-1].removeprefix("adapter: ")
     assert (Path(adapter) / "adapter_model.safetensors").is_file()
     assert not (registry_dir() / "trained-only").exists()
+
+
+def test_eval_limit_evaluates_a_seeded_sample(tiny_base, home):
+    from conftest import build_tiny
+
+    result = build_tiny(tiny_base, "sampled", max_steps=1, eval_limit=5)
+    assert json.loads((result.build_dir / "eval" / "eval.json").read_text())["n"] == 5
+    runner = CliRunner()
+    bad = runner.invoke(cli, ["build", "support-bot", "--eval-limit", "0"])
+    assert bad.exit_code == 2 and "--eval-limit" in bad.output

@@ -99,3 +99,31 @@ def test_replay_pairs_are_train_only_and_cached(tiny_base, home, monkeypatch):
     assert [r["question"] for r in held_out if r["answer"].startswith("Answer")] == []
     assert sum(r["question"] == pairs[0].question for r in train) == 1 and len(held_out) == 1
     assert [r["system"] for r in train if r["answer"].startswith("Answer")] == [True, False, True, False, True]
+
+
+def test_general_pairs_are_plain_chats_disjoint_from_the_probe():
+    """The general pairs are train-only, asked without the system prompt, and share neither a
+    question nor a key fact with the forgetting probe that measures what they protect."""
+    import json
+    import re
+    from importlib import resources
+
+    from agentpeft.default_plugins.generators import general_pairs
+    from agentpeft.pipeline.evaluate import forgetting_probe
+    from agentpeft.recipe import get_recipe
+
+    recipe = get_recipe("support-bot")
+    recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"general": 7})})
+    pairs = general_pairs([], recipe)
+    assert len(pairs) == 7 and not any(p.held_out or p.system for p in pairs)
+    assert general_pairs([], recipe) == pairs  # seeded
+    pool = [json.loads(line) for line in resources.files("agentpeft").joinpath("data", "general_qa.jsonl")
+            .read_text().splitlines() if line.strip()]
+    assert len(pool) >= 200 and {(p.question, p.answer) for p in pairs} <= {(r["question"], r["answer"]) for r in pool}
+    probe = forgetting_probe()
+    keys = {k.strip().lower() for row in probe for k in row["key"].split("|")}
+    questions = {row["question"].lower() for row in probe}
+    for row in pool:
+        text = f"{row['question']} {row['answer']}".lower()
+        assert row["question"].lower() not in questions
+        assert not [k for k in keys if len(k) > 2 and re.search(rf"\b{re.escape(k)}\b", text)], row

@@ -178,6 +178,26 @@ def teacher_pairs(documents, recipe):
     return synthesize(model, [d for d in documents if not d.metadata.get("question")])
 
 
+def _base_answers(recipe, chats: list[list[dict]]) -> list[str]:
+    """The recipe's base model's greedy replies to ``chats``, cached per base model and chats."""
+    import hashlib
+    import json
+
+    from ..models import generate, home, load_model, load_tokenizer, resolve_base, weights_hash
+
+    folder = resolve_base(recipe.base_model, log=lambda s: None)
+    key = hashlib.sha256(json.dumps([weights_hash(folder), chats, REPLAY_TOKENS]).encode()).hexdigest()
+    cached = home() / "cache" / "replay" / f"{key[:32]}.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    answers = generate(load_model(folder), load_tokenizer(folder), chats, REPLAY_TOKENS)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(".tmp")
+    tmp.write_text(json.dumps(answers))
+    tmp.replace(cached)
+    return answers
+
+
 def replay_pairs(documents, recipe):
     """General prompts that ship with agentpeft, answered by the base model itself (train-only).
 
@@ -185,33 +205,37 @@ def replay_pairs(documents, recipe):
     from the knowledge base, which limits forgetting: every other prompt is asked under the recipe's
     system prompt, the rest as a plain chat (general use). Answers are cached per base model.
     """
-    import hashlib
-    import json
     from importlib import resources
-
-    from ..models import generate, home, load_model, load_tokenizer, resolve_base, weights_hash
 
     prompts = resources.files("agentpeft").joinpath("data", "replay_prompts.txt").read_text(encoding="utf-8")
     prompts = [line.strip() for line in prompts.splitlines() if line.strip()][: recipe.data.replay]
-    if not prompts:
-        return []
-    folder = resolve_base(recipe.base_model, log=lambda s: None)
-    system = recipe.system_prompt
-    systems = [system if i % 2 == 0 else None for i in range(len(prompts))]
-    key = hashlib.sha256(json.dumps([weights_hash(folder), systems, prompts, REPLAY_TOKENS]).encode()).hexdigest()
-    cached = home() / "cache" / "replay" / f"{key[:32]}.json"
-    if cached.is_file():
-        answers = json.loads(cached.read_text())
-    else:
-        chats = [([{"role": "system", "content": s}] if s else []) + [{"role": "user", "content": p}]
-                 for s, p in zip(systems, prompts)]
-        answers = generate(load_model(folder), load_tokenizer(folder), chats, REPLAY_TOKENS)
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_suffix(".tmp")
-        tmp.write_text(json.dumps(answers))
-        tmp.replace(cached)
+    systems = [recipe.system_prompt if i % 2 == 0 else None for i in range(len(prompts))]
+    chats = [([{"role": "system", "content": s}] if s else []) + [{"role": "user", "content": p}]
+             for s, p in zip(systems, prompts)]
+    answers = _base_answers(recipe, chats) if chats else []
     return [Pair(question=q, answer=a, source="agentpeft:replay_prompts.txt", held_out=False, system=s is not None)
             for q, a, s in zip(prompts, answers, systems) if a.strip()]
+
+
+def general_pairs(documents, recipe):
+    """General-knowledge questions with short answers we wrote, trained as a plain chat (train-only).
+
+    Mixed into train, they keep the tuned model answering general questions as a general assistant
+    when the recipe's system prompt is absent, which limits forgetting. They ship in
+    ``agentpeft/data/general_qa.jsonl`` (``bench/make_general_qa.py``): a pool written with the
+    forgetting probe's candidates, kept only where neither question nor answer shares a question or
+    key fact with the probe. (The base model's own answers, self-distillation, forgot more and trained
+    slower on support-bot: README, "Forgetting".)
+    """
+    import json
+    import random
+    from importlib import resources
+
+    text = resources.files("agentpeft").joinpath("data", "general_qa.jsonl").read_text(encoding="utf-8")
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    rows = random.Random(recipe.data.seed).sample(rows, min(recipe.data.general, len(rows)))
+    return [Pair(question=r["question"], answer=r["answer"], source="agentpeft:general_qa.jsonl", held_out=False,
+                 system=False) for r in rows]
 
 
 #: Longest replay answer, in tokens: long enough for a full short answer, short enough to stay cheap.
@@ -226,3 +250,4 @@ def register_generators(register):
     register(Generator("sections", section_pairs))
     register(Generator("teacher", teacher_pairs))
     register(Generator("replay", replay_pairs))
+    register(Generator("general", general_pairs))

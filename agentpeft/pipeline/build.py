@@ -8,6 +8,7 @@ import functools
 import inspect
 import json
 import os
+import random
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -88,19 +89,22 @@ def _exclusive(run: Callable[..., BuildResult]) -> Callable[..., BuildResult]:
 def build(recipe: str | Recipe, kb: str | Path | None = None, name: str | None = None,
           base: str | None = None, allow_regression: bool = False, resume: bool = False,
           show_progress: bool = True, log: Callable[[str], None] = print, until: str = "register",
-          judge: str | None = None,
+          judge: str | None = None, eval_limit: int | None = None,
           **train_overrides) -> BuildResult:
     """ingest -> dataset -> train -> evaluate -> merge -> register, each stage summarized in one line.
 
     ``train_overrides`` are TrainConfig fields (epochs, max_steps, method, r, lr, ...);
     ``resume`` continues the name's last unfinished build from its last checkpoint;
     ``until="train"`` stops after training (what ``agentpeft train`` runs); ``judge`` names a chat
-    model that also grades the held-out replies (reported, never gating).
+    model that also grades the held-out replies (reported, never gating); ``eval_limit`` evaluates a
+    seeded sample of at most that many held-out questions.
     """
     if until not in ("train", "register"):
         raise AgentpeftError(f"until must be 'train' or 'register', not {until!r}")
     set_enabled(show_progress)
     recipe = configure(recipe, kb, base, **train_overrides)
+    if eval_limit is not None:
+        recipe = recipe.model_copy(update={"eval": recipe.eval.model_copy(update={"max_questions": eval_limit})})
     name = check_name(name or recipe.name)
     if recipe.kb_path is None:
         raise AgentpeftError(f"recipe {recipe.name!r} has no knowledge base; pass --kb PATH")
@@ -149,6 +153,8 @@ def build(recipe: str | Recipe, kb: str | Path | None = None, name: str | None =
     from datasets import load_from_disk
 
     eval_rows = list(load_from_disk(str(data.path))["eval"])
+    if recipe.eval.max_questions and len(eval_rows) > recipe.eval.max_questions:
+        eval_rows = random.Random(recipe.data.seed).sample(eval_rows, recipe.eval.max_questions)
     result = evaluate(base_dir, trained.adapter_dir, eval_rows, recipe.eval.metrics, recipe.eval.primary,
                       build_dir / "eval", recipe.system_prompt, recipe.eval.max_new_tokens, recipe.eval.batch_size,
                       probe=recipe.eval.forgetting_probe, judge=judge)

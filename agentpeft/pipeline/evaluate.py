@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import AgentpeftError, PickleRefusedError
-from ..models import accepts_allow_pickle, generate
+from ..models import GENERATE_BATCH, accepts_allow_pickle, generate
 from ..plugins import collect
 from ..progress import bar
 
@@ -119,7 +119,7 @@ def reference_perplexity(model, tokenizer, rows: list[dict], batch_size: int = 1
 
 
 def score_model(model, tokenizer, rows: list[dict], metric_names: list[str], max_new_tokens: int = 64,
-                batch_size: int = 16, progress=None) -> tuple[dict[str, float], list[str]]:
+                batch_size: int = GENERATE_BATCH, progress=None) -> tuple[dict[str, float], list[str]]:
     """Generate replies to ``rows`` and compute each named metric; returns (figures, replies)."""
     metrics = _metrics(metric_names)
     replies = generate(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens, batch_size, progress)
@@ -196,7 +196,7 @@ class EvalResult:
 
 def evaluate(base_dir: Path, adapter_dir: Path, eval_rows: list[dict], metric_names: list[str],
              primary: str, out_dir: Path, system_prompt: str | None = None, max_new_tokens: int = 64,
-             batch_size: int = 16, probe: bool = True, judge: str | None = None) -> EvalResult:
+             batch_size: int = GENERATE_BATCH, probe: bool = True, judge: str | None = None) -> EvalResult:
     """Ask the base model and the tuned model (base + adapter) the same questions, greedily.
 
     ``judge`` names a chat model (see ``agentpeft.langchain.chat_model``) that also grades both
@@ -286,7 +286,7 @@ def plot_comparison(result: EvalResult, path: Path) -> None:
 
 @accepts_allow_pickle
 def evaluate_model(ref: str, data: Path | str | None = None, metric_names: list[str] | None = None,
-                   max_new_tokens: int = 64, batch_size: int = 16, judge: str | None = None) -> dict:
+                   max_new_tokens: int = 64, batch_size: int = GENERATE_BATCH, judge: str | None = None) -> dict:
     """Evaluate a registered model (``NAME[@VERSION]``) or a base model on question/answer pairs.
 
     ``data`` is a JSONL file of ``question``, ``answer`` and optional ``key``; without it a
