@@ -349,6 +349,8 @@ def serve(ref, host, port):
 @click.option("--method", type=click.Choice(["qlora", "lora", "full"]), default="qlora", show_default=True)
 @click.option("--r", type=int, default=16, show_default=True, help="LoRA rank.")
 @click.option("--alpha", type=int, default=32, show_default=True, help="LoRA alpha.")
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+              help="LoRA dropout (above 0, each adapted layer keeps a dropped-out copy of its input).")
 @click.option("--target-modules", default="all-linear", show_default=True, help="Comma-separated module names, or all-linear.")
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--seq-len", type=int, default=256, show_default=True, help="Padded sequence length, in tokens.")

@@ -107,7 +107,7 @@ def load_config(spec: str):
 
 
 def meta_model(config, method: str, r: int = 16, alpha: int = 32, target_modules="all-linear",
-               dropout: float = 0.05):
+               dropout: float = 0.0):
     """The model built on the meta device, wrapped with peft's LoRA for ``qlora``/``lora``."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -127,7 +127,7 @@ def meta_model(config, method: str, r: int = 16, alpha: int = 32, target_modules
 
 def plan(base: str, method: str = "qlora", r: int = 16, target_modules: list[str] | str = "all-linear",
          batch_size: int = 8, seq_len: int = 256, gradient_checkpointing: bool = False, device: str = "cpu",
-         dtype: str = "float32", alpha: int = 32, dropout: float = 0.05) -> Plan:
+         dtype: str = "float32", alpha: int = 32, dropout: float = 0.0) -> Plan:
     """Count parameters exactly and estimate the peak memory of training ``base`` with ``method``."""
     if method not in METHODS:
         raise AgentpeftError(f"--method must be one of {', '.join(METHODS)}, not {method!r}")
