@@ -67,23 +67,27 @@ def run_one(method: str, steps: int, workdir: Path) -> dict:
         return real(model, config, *a, **k)
 
     peft.get_peft_model = measured
-    import trl
-
-    real_loss = trl.SFTTrainer.compute_loss
     largest = {"tokens": 0}
+    real_trainer = train_stage._answer_only_trainer
 
-    def watched(self, model, inputs, *a, **k):
-        batch, length = inputs["input_ids"].shape
-        if batch * length > largest["tokens"]:
-            largest.update(tokens=batch * length, batch=batch, length=length)
-        return real_loss(self, model, inputs, *a, **k)
+    def watched_trainer(base_cls):
+        cls = real_trainer(base_cls)
 
-    trl.SFTTrainer.compute_loss = watched
+        class Watched(cls):
+            def compute_loss(self, model, inputs, *a, **k):
+                batch, length = inputs["input_ids"].shape
+                if batch * length > largest["tokens"]:
+                    largest.update(tokens=batch * length, batch=batch, length=length)
+                return super().compute_loss(model, inputs, *a, **k)
+
+        return Watched
+
+    train_stage._answer_only_trainer = watched_trainer
     try:
         result = train_stage.train(base, data.path, workdir, recipe.train, log=lambda s: None)
     finally:
         peft.get_peft_model = real
-        trl.SFTTrainer.compute_loss = real_loss
+        train_stage._answer_only_trainer = real_trainer
     row = {"method": method, "steps": result.steps, "final_loss": round(result.final_loss, 4),
            "train_seconds": round(result.seconds, 1), "tokens": result.tokens,
            "tokens_per_second": round(result.tokens / result.seconds, 1),
