@@ -65,7 +65,7 @@ knowledge_base: kb          # relative to this file
 
 data:
   loaders: [markdown]
-  generators: [faq, facts]
+  generators: [faq, facts]   # add general to train general Q/A as plain chats against forgetting
   train_phrasings: 4
 
 train:
