@@ -303,7 +303,8 @@ class DatasetResult:
 
     def summary(self) -> str:
         c = self.card
-        text = (f"{c['facts']} facts -> {c['splits']['train']} train / {c['splits']['eval']} eval pairs "
+        extra = f" + {c['train_only']} train-only" if c.get("train_only") else ""
+        text = (f"{c['facts']} facts{extra} -> {c['splits']['train']} train / {c['splits']['eval']} eval pairs "
                 f"(max {c['max_tokens']} tokens)")
         return f"cached: {text}" if self.cached else text
 
@@ -380,7 +381,7 @@ def build_dataset(documents: list[Document], generators: list[str], tokenizer, s
                 pair.generator = pair.generator or name
                 pairs.append(pair)
                 generated[name] = generated.get(name, 0) + 1
-        if not pairs:
+        if not any(p.held_out for p in pairs):  # train-only pairs (general, replay) are not the knowledge base's
             raise AgentpeftError(
                 f"the knowledge base yields no question/answer pair with generators {generators}; "
                 "use '## Question?' headings or '- **Attribute:** value' bullets, or pick other generators"
@@ -464,16 +465,19 @@ def _card(pairs, documents, generated, filter_counts, notes, added, train, held_
     lengths = [r["n_tokens"] for r in train + held_out]
     doc_sources = [str(d.metadata.get("source", "")) for d in documents]
     files = _source_files([p.source for p in pairs] + doc_sources, recipe.kb_path)
-    facts_by_source = Counter(files[p.source] for p in pairs)
+    facts_by_source = Counter(files[p.source] for p in pairs if p.held_out)
+    extra_by_source = Counter(files[p.source] for p in pairs if not p.held_out)
     docs_by_source = Counter(files[src] for src in doc_sources)
     redactions = notes.pop("redactions", {})
     return {
-        "facts": len(pairs),
+        "facts": sum(facts_by_source.values()),
+        "train_only": sum(extra_by_source.values()),
         "documents": len(documents),
         "generated": generated,
         "per_generator": dict(Counter(p.generator for p in pairs)),
-        "per_source": {src: {"documents": docs_by_source.get(src, 0), "facts": facts_by_source.get(src, 0)}
-                       for src in sorted(set(docs_by_source) | set(facts_by_source))},
+        "per_source": {src: {"documents": docs_by_source.get(src, 0), "facts": facts_by_source.get(src, 0),
+                             **({"train_only": extra_by_source[src]} if extra_by_source.get(src) else {})}
+                       for src in sorted(set(docs_by_source) | set(facts_by_source) | set(extra_by_source))},
         "filters": filter_counts,
         "redact_pii": recipe.data.redact_pii,
         "redactions": redactions,
@@ -532,7 +536,8 @@ def _plot_lengths(card: dict, path: Path) -> None:
 
 def _card_markdown(card: dict) -> str:
     lines = ["# Dataset card", "",
-             f"- Facts: {card['facts']} from {card['documents']} document sections",
+             f"- Facts: {card['facts']} from {card['documents']} document sections; train-only pairs (general, "
+             f"replay): {card.get('train_only', 0)}",
              f"- Train pairs: {card['splits']['train']}; held-out eval pairs: {card['splits']['eval']}",
              f"- Tokens per rendered pair: mean {card['mean_tokens']}, max {card['max_tokens']} "
              "(histogram: token_lengths.png)",
@@ -550,8 +555,9 @@ def _card_markdown(card: dict) -> str:
         lines += [f"- {kind}: {n}" for kind, n in sorted(card["redactions"].items())]
     else:
         lines.append("Off for this recipe (data.redact_pii: false).")
-    lines += ["", "## Sources", "", "| file | documents | facts |", "|---|---|---|"]
-    lines += [f"| {src} | {c['documents']} | {c['facts']} |" for src, c in card["per_source"].items()]
+    lines += ["", "## Sources", "", "| file | documents | facts | train-only pairs |", "|---|---|---|---|"]
+    lines += [f"| {src} | {c['documents']} | {c['facts']} | {c.get('train_only', 0)} |"
+              for src, c in card["per_source"].items()]
     for key, value in card["notes"].items():
         lines += ["", f"## {key}", "", f"`{json.dumps(value, ensure_ascii=False)}`"]
     lines.append("")
