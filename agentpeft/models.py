@@ -320,6 +320,12 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def chat_prompt(system_prompt: str | None, question: str) -> list[dict]:
+    """The messages a model is asked: the system prompt (where there is one), then the question."""
+    return ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+        {"role": "user", "content": question}]
+
+
 #: Prompts decoded together. Decoding a small model on a CPU is bound by reading the weights, once per
 #: step for the whole batch: 64 was 2.4x faster than 16 here (bench: docs/performance.md), 128 no faster.
 GENERATE_BATCH = 64

@@ -207,11 +207,12 @@ def replay_pairs(documents, recipe):
     """
     from importlib import resources
 
+    from ..models import chat_prompt
+
     prompts = resources.files("agentpeft").joinpath("data", "replay_prompts.txt").read_text(encoding="utf-8")
     prompts = [line.strip() for line in prompts.splitlines() if line.strip()][: recipe.data.replay]
     systems = [recipe.system_prompt if i % 2 == 0 else None for i in range(len(prompts))]
-    chats = [([{"role": "system", "content": s}] if s else []) + [{"role": "user", "content": p}]
-             for s, p in zip(systems, prompts)]
+    chats = [chat_prompt(s, p) for s, p in zip(systems, prompts)]
     answers = _base_answers(recipe, chats) if chats else []
     return [Pair(question=q, answer=a, source="agentpeft:replay_prompts.txt", held_out=False, system=s is not None)
             for q, a, s in zip(prompts, answers, systems) if a.strip()]

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 from langchain_core.documents import Document
 
 from ..errors import AgentpeftError
-from ..models import file_sha256
+from ..models import chat_prompt, file_sha256
 from ..plugins import collect
 from ..progress import bar
 
@@ -131,8 +131,7 @@ def context_window(tokenizer) -> int:
 
 def count_tokens(tokenizer, system_prompt: str | None, question: str, answer: str) -> tuple[str, int]:
     """The rendered conversation ([system,] user, assistant) and its length in the base model's tokens."""
-    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-        {"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    messages = [*chat_prompt(system_prompt, question), {"role": "assistant", "content": answer}]
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     return text, len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -407,8 +406,7 @@ def build_dataset(documents: list[Document], generators: list[str], tokenizer, s
             system = system_prompt if row.get("system", True) else None
             text, n_tokens = count_tokens(tokenizer, system, row["question"], row["answer"])
             if n_tokens <= max_seq_len:
-                prompt = ([{"role": "system", "content": system}] if system else []) + [
-                    {"role": "user", "content": row["question"]}]
+                prompt = chat_prompt(system, row["question"])
                 completion = [{"role": "assistant", "content": row["answer"]}]
                 out.append({**row, "prompt": prompt, "completion": completion, "text": text, "n_tokens": n_tokens})
         return out

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import AgentpeftError, PickleRefusedError
-from ..models import GENERATE_BATCH, accepts_allow_pickle, generate
+from ..models import GENERATE_BATCH, accepts_allow_pickle, chat_prompt, generate
 from ..plugins import collect
 from ..progress import bar
 
@@ -45,8 +45,7 @@ def _metrics(names: list[str]) -> list[Metric]:
 
 def chat_rows(pairs: list[dict], system_prompt: str | None) -> list[dict]:
     """Question/answer dicts with the chat prompt the model is asked."""
-    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    return [{**p, "prompt": [*system, {"role": "user", "content": p["question"]}]} for p in pairs]
+    return [{**p, "prompt": chat_prompt(system_prompt, p["question"])} for p in pairs]
 
 
 def read_qa_jsonl(path: Path | str) -> list[dict]:
