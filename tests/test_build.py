@@ -226,3 +226,27 @@ def test_eval_limit_evaluates_a_seeded_sample(tiny_base, home):
     runner = CliRunner()
     bad = runner.invoke(cli, ["build", "support-bot", "--eval-limit", "0"])
     assert bad.exit_code == 2 and "--eval-limit" in bad.output
+
+
+def test_a_rebuild_reuses_the_base_models_answers(tiny_base, home, monkeypatch):
+    from conftest import build_tiny
+
+    import agentpeft.pipeline.evaluate as evaluate
+
+    asked = []
+    real = evaluate.score_model
+    monkeypatch.setattr(evaluate, "score_model", lambda model, tok, rows, *a, **k: asked.append(len(rows)) or
+                        real(model, tok, rows, *a, **k))
+    first = build_tiny(tiny_base, "first", max_steps=1, eval_limit=6)
+    assert len(asked) == 2  # base, then tuned (the cheap test evaluation skips the probe)
+    asked.clear()
+    second = build_tiny(tiny_base, "second", max_steps=2, eval_limit=6)
+    assert asked == [6]  # only the tuned model answered
+    evals = [json.loads((r.build_dir / "eval" / "eval.json").read_text()) for r in (first, second)]
+    assert evals[0]["base"] == evals[1]["base"]
+    assert [e["base"] for e in evals[0]["examples"]] == [e["base"] for e in evals[1]["examples"]]
+    assert len(list((home / "cache" / "base-eval").glob("*.json"))) == 1
+    # Other questions are other answers: a third build on a different sample asks the base again.
+    asked.clear()
+    build_tiny(tiny_base, "third", max_steps=1, eval_limit=5)
+    assert asked == [5, 5]

@@ -7,8 +7,10 @@ ability shows up in the report.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -209,8 +211,17 @@ def evaluate(base_dir: Path, adapter_dir: Path, eval_rows: list[dict], metric_na
     probe_rows = chat_rows(forgetting_probe(), None) if probe else []
     text_rows = [{"answer": general_text()}]
     figures, replies, forgetting = {}, {}, {}
+    base_cache = _base_cache_file(base_dir, eval_rows, probe_rows, metric_names, max_new_tokens)
     with bar(total=2 * (len(eval_rows) + len(probe_rows)), desc="evaluate", unit="answer") as progress:
         for who in ("base", "tuned"):
+            if who == "base" and base_cache.is_file():
+                # Greedy answers of the same base to the same questions: computed by an earlier build.
+                saved = json.loads(base_cache.read_text())
+                figures["base"] = saved["figures"]
+                forgetting.update(saved["forgetting"])
+                replies.update(saved["replies"])
+                progress.update(len(eval_rows) + len(probe_rows))
+                continue
             # The tuned adapter is merged in memory for speed; the merge stage checks that this changes nothing.
             model = load_model(base_dir) if who == "base" else load_tuned(base_dir, adapter_dir, merge=True)
             figures[who], replies[who] = score_model(model, tokenizer, eval_rows, metric_names, max_new_tokens,
@@ -221,6 +232,10 @@ def evaluate(base_dir: Path, adapter_dir: Path, eval_rows: list[dict], metric_na
                 forgetting[f"{who}_accuracy"] = probe_figures["accuracy"]
                 forgetting[f"{who}_perplexity"] = reference_perplexity(model, tokenizer, text_rows)
             del model
+            if who == "base":
+                _write_atomic(base_cache, json.dumps({
+                    "figures": figures["base"], "replies": {k: v for k, v in replies.items() if k.startswith("base")},
+                    "forgetting": {k: v for k, v in forgetting.items() if k.startswith("base")}}))
     if probe:
         forgetting["n"] = len(probe_rows)
         forgetting["accuracy_drop"] = round(forgetting["base_accuracy"] - forgetting["tuned_accuracy"], 4)
@@ -235,6 +250,31 @@ def evaluate(base_dir: Path, adapter_dir: Path, eval_rows: list[dict], metric_na
     result = EvalResult(figures["base"], figures["tuned"], primary, out_dir, higher, forgetting or None, graded)
     write_eval_files(result, eval_rows, replies, probe_rows, max_new_tokens)
     return result
+
+
+def _base_cache_file(base_dir: Path, eval_rows: list[dict], probe_rows: list[dict], metric_names: list[str],
+                     max_new_tokens: int) -> Path:
+    """Where the base model's figures and replies for exactly these questions and settings are kept."""
+    import torch
+
+    from .. import __version__
+    from ..models import base_info, home
+    from ..plugins import get_plugins
+
+    payload = {"base": base_info(base_dir)["sha256"], "agentpeft": __version__, "torch": torch.__version__,
+               "plugins": sorted(f"{p['name']} {p['package']}" for p in get_plugins()),
+               "rows": [[r["prompt"], r["answer"], r.get("key")] for r in eval_rows],
+               "probe": [[r["prompt"], r["key"]] for r in probe_rows], "text": general_text(),
+               "metrics": metric_names, "max_new_tokens": max_new_tokens}
+    key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    return home() / "cache" / "base-eval" / f"{key}.json"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def write_eval_files(result: EvalResult, rows: list[dict], replies: dict, probe_rows: list[dict],
