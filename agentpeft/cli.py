@@ -50,6 +50,8 @@ TRAIN_OPTIONS = (
     click.option("--batch-size", type=int, help="Examples per device step."),
     click.option("--grad-accum", type=int, help="Gradient-accumulation steps."),
     click.option("--max-seq-len", type=int, help="Longest rendered pair, in tokens."),
+    click.option("--anchor-kl", type=float,
+                 help="Weight of the KL-to-base loss on train-only general pairs (0: cross-entropy on their answers)."),
     click.option("--seed", type=int, help="Random seed."),
     click.option("--save-steps", type=int, help="Checkpoint every N steps (what --resume continues from)."),
     click.option("--report-to", type=click.Choice(["none", "tensorboard", "wandb"]), multiple=True,

@@ -67,6 +67,11 @@ class TrainConfig(_Strict):
     gradient_checkpointing: bool = False
     group_by_length: bool = Field(True, description="batch examples of similar length: less padding")
     padding_free: bool = Field(False, description="concatenate a batch into one row with position_ids, no padding")
+    share_prefix: bool = Field(True, description=(
+        "compute the prompt prefix that rows of a batch share (system prompt, chat template) once per batch"))
+    anchor_kl: float = Field(0.0, ge=0, description=(
+        "train-only general pairs hold the model to its base: their loss is this weight times the KL divergence "
+        "from the base model's next-token distributions (adapter off) instead of cross-entropy; 0: cross-entropy"))
     save_steps: int = Field(0, ge=0, description="checkpoint every N steps; 0 = four times per run")
     report_to: list[Literal["none", "tensorboard", "wandb"]] = ["none"]
     seed: int = 42

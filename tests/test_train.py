@@ -31,7 +31,10 @@ def test_method_trains_loads_and_generates(method, tiny_base, dataset, tmp_path)
     logs = []
     result = train(tiny_base, dataset, tmp_path, _cfg(method=method), log=logs.append)
     assert result.steps == 2 and result.trainable_params > 0
-    assert logs[0].startswith("trainable params: ") and "trainable%" in logs[0]
+    params = [line for line in logs if line.startswith("trainable params: ")]
+    assert len(params) == 1 and "trainable%" in params[0]
+    # support-bot's KL anchor needs a LoRA-family adapter; the other methods say so and use cross-entropy.
+    assert any(line.startswith("anchor_kl applies to") for line in logs) == (method in ("prefix", "prompt"))
     meta = adapter_meta(result.adapter_dir)
     assert meta == {"method": method, "quantized_base": method == "qlora",
                     "mergeable": method in ("qlora", "lora", "dora")}
@@ -76,7 +79,8 @@ def test_report_to_a_missing_logger_is_a_clear_error(tiny_base, dataset, tmp_pat
         train(tiny_base, dataset, tmp_path, _cfg(report_to=["wandb"]))
 
 
-def test_answer_only_loss_matches_trls_loss_and_gradients(tiny_base, dataset, tmp_path):
+@pytest.mark.parametrize("share_prefix", [False, True])
+def test_answer_only_loss_matches_trls_loss_and_gradients(tiny_base, dataset, tmp_path, share_prefix):
     import torch
     from datasets import load_from_disk
     from peft import LoraConfig, get_peft_model
@@ -93,7 +97,7 @@ def test_answer_only_loss_matches_trls_loss_and_gradients(tiny_base, dataset, tm
     args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=6, use_cpu=True, report_to=[],
                      completion_only_loss=True, max_length=256)
     results = []
-    for cls in (SFTTrainer, _answer_only_trainer(SFTTrainer)):
+    for cls in (SFTTrainer, _answer_only_trainer(SFTTrainer, share_prefix=share_prefix)):
         trainer = cls(model=model, args=args, train_dataset=rows, processing_class=tokenizer)
         batch = next(iter(trainer.get_train_dataloader()))
         assert (batch["labels"] == -100).any() and (batch["labels"] != -100).any()
@@ -108,3 +112,98 @@ def test_answer_only_loss_matches_trls_loss_and_gradients(tiny_base, dataset, tm
     for name, grad in trl_grads.items():
         torch.testing.assert_close(our_grads[name], grad, rtol=1e-4, atol=1e-6)
     assert our_tokens == trl_tokens > 0
+
+
+def test_anchor_kl_scores_general_rows_against_the_adapter_free_model(tiny_base, tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from trl import SFTConfig, SFTTrainer
+
+    from agentpeft.models import load_model
+    from agentpeft.pipeline.train import _answer_only_trainer, with_anchor_column
+
+    recipe = configure("support-bot")
+    data = build_dataset(ingest(recipe.kb_path), ["faq", "general"], load_tokenizer(tiny_base), recipe.system_prompt,
+                         tmp_path / "data", train_phrasings=1).path
+    from datasets import load_from_disk
+
+    rows = with_anchor_column(load_from_disk(str(data))["train"])
+    mixed = rows.select([rows["train_only"].index(True), rows["train_only"].index(False)])
+    tokenizer = load_tokenizer(tiny_base)
+    tokenizer.padding_side = "right"
+    args = SFTConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, use_cpu=True, report_to=[],
+                     completion_only_loss=True, max_length=256)
+
+    def loss_of(model, dataset, kl, backward=False):
+        trainer = _answer_only_trainer(SFTTrainer, kl)(model=model, args=args, train_dataset=dataset,
+                                                         processing_class=tokenizer)
+        batch = next(iter(trainer.get_train_dataloader()))
+        model.train()
+        model.zero_grad()
+        answer_tokens = int((batch["labels"][:, 1:] != -100).sum())
+        loss = trainer.compute_loss(model, batch)
+        if backward:
+            loss.backward()
+        return loss, answer_tokens
+
+    def lora(init):
+        return get_peft_model(load_model(tiny_base), LoraConfig(r=4, target_modules="all-linear",
+                                                                 init_lora_weights=init, task_type="CAUSAL_LM"))
+
+    columns = ["prompt", "completion", "anchor"]
+    # A fresh adapter (B = 0) is the base: the general row adds no loss, only answer tokens to divide by.
+    fresh = lora(True)
+    kb_only = mixed.filter(lambda r: not r["train_only"]).select_columns(["prompt", "completion"])
+    with_kl, n_both = loss_of(fresh, mixed.select_columns(columns), 1.0)
+    ce, n_kb = loss_of(fresh, kb_only, 0.0)
+    assert n_both > n_kb > 0
+    torch.testing.assert_close(with_kl * n_both, ce * n_kb, rtol=1e-4, atol=1e-5)
+    # A moved adapter: the general row's KL is positive and its gradient reaches the adapter.
+    moved = lora(False)
+    general = mixed.filter(lambda r: r["train_only"]).select_columns(columns)
+    kl, _ = loss_of(moved, general, 1.0, backward=True)
+    assert kl > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in moved.named_parameters() if "lora_" in n)
+    # Twice the weight, twice the loss.
+    torch.testing.assert_close(loss_of(moved, general, 2.0)[0], 2 * kl.detach(), rtol=1e-4, atol=1e-6)
+    # The train stage wires it up: general rows carry their anchor index through the collator.
+    result = train(tiny_base, data, tmp_path / "trained", _cfg(anchor_kl=1.0, max_steps=2))
+    assert result.steps == 2 and result.final_loss is not None
+
+
+def test_shared_prefix_forward_equals_the_full_forward(tiny_base):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from agentpeft.models import load_model
+    from agentpeft.pipeline.train import shared_prefix_hidden
+
+    tokenizer = load_tokenizer(tiny_base)
+    tokenizer.padding_side = "right"
+    system = [{"role": "system", "content": "You answer questions about the Halcyon Desk Lamp briefly."}]
+    chats = [system + [{"role": "user", "content": q}] for q in ("What is its price?", "Hi", "Does it dim?")]
+    chats += [[{"role": "user", "content": q}] for q in ("What is the capital of France?", "Is it warm?")]
+    chats += [[{"role": "system", "content": "Other."}, {"role": "user", "content": "Alone"}]]
+    enc = tokenizer([tokenizer.apply_chat_template(c, tokenize=False) for c in chats], return_tensors="pt",
+                    padding=True, add_special_tokens=False)
+    torch.manual_seed(0)
+    model = get_peft_model(load_model(tiny_base), LoraConfig(r=4, target_modules="all-linear",
+                                                              init_lora_weights=False, task_type="CAUSAL_LM"))
+    model.train()
+    trunk = model.get_base_model().model
+    params = [p for p in model.parameters() if p.requires_grad]
+    weights = torch.randn(*enc["input_ids"].shape, trunk.config.hidden_size) * enc["attention_mask"][..., None]
+    calls = []
+    hook = trunk.register_forward_pre_hook(lambda mod, args, kwargs: calls.append(kwargs["input_ids"].shape),
+                                           with_kwargs=True)
+    full = trunk(**enc, use_cache=False).last_hidden_state
+    shared = shared_prefix_hidden(trunk, enc["input_ids"], enc["attention_mask"])
+    hook.remove()
+    # One call for the full batch; then the system-prompt group and the plain-chat group run a prefix and
+    # their tails, and the row that shares nothing runs alone.
+    assert len(calls) == 1 + 2 + 2 + 1
+    real = enc["attention_mask"].bool()
+    torch.testing.assert_close(shared[real], full[real], rtol=1e-4, atol=1e-5)
+    for ours, reference in zip(torch.autograd.grad((shared * weights).sum(), params),
+                               torch.autograd.grad((full * weights).sum(), params)):
+        torch.testing.assert_close(ours, reference, rtol=1e-3, atol=1e-5)

@@ -188,7 +188,7 @@ def phrase(pairs: list[Pair], train_phrasings: int, seed: int) -> tuple[list[dic
     train, held_out = [], []
     for i, pair in enumerate(pairs):
         base = {"answer": pair.answer, "key": pair.key or pair.answer, "source": pair.source,
-                "generator": pair.generator, "fact_id": i, "system": pair.system}
+                "generator": pair.generator, "fact_id": i, "system": pair.system, "train_only": not pair.held_out}
         if not pair.held_out:
             train.append({"question": pair.question, **base})
             continue
@@ -578,6 +578,9 @@ def kb_hash(kb: Path) -> str:
     return digest.hexdigest()
 
 
+#: Bumped when the columns of a dataset row change, so that cached datasets are rebuilt.
+DATASET_FORMAT = 2
+
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                     "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt", "config.json")
 
@@ -600,6 +603,7 @@ def dataset_cache_key(recipe: "Recipe", base_dir: Path) -> str:
         "max_seq_len": recipe.train.max_seq_len,
         "tokenizer": tokenizer,
         "agentpeft": __version__,
+        "rows": DATASET_FORMAT,
         "plugins": sorted(f"{p['name']} {p['package']}" for p in get_plugins()),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

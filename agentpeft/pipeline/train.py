@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import math
 import time
@@ -68,6 +69,17 @@ def train(base_dir: Path, dataset_dir: Path, out_dir: Path, cfg: TrainConfig, re
         if longer:
             raise AgentpeftError(f"padding_free trains untruncated pairs, but {longer} are longer than --max-seq-len "
                                  f"{cfg.max_seq_len}; raise --max-seq-len or turn padding_free off")
+    columns = ["prompt", "completion"]
+    if cfg.anchor_kl and (cfg.method not in MERGEABLE or cfg.padding_free):
+        log(f"anchor_kl applies to qlora, lora and dora without padding_free: {cfg.method} learns the general "
+            "pairs' answers by cross-entropy")
+        cfg = cfg.model_copy(update={"anchor_kl": 0.0})
+    if cfg.anchor_kl:
+        if "train_only" not in train_set.column_names:
+            raise AgentpeftError(f"{dataset_dir} predates anchor_kl (no train_only column); rebuild it with "
+                                 "`agentpeft data`")
+        train_set = with_anchor_column(train_set)
+        columns.append("anchor")
     tokenizer = load_tokenizer(base_dir)
     tokenizer.padding_side = "right"
     quantized = cfg.method == "qlora"
@@ -116,8 +128,12 @@ def train(base_dir: Path, dataset_dir: Path, out_dir: Path, cfg: TrainConfig, re
     )
     from transformers import PrinterCallback
 
-    trainer_cls = _answer_only_trainer(SFTTrainer) if cfg.method in MERGEABLE else SFTTrainer
-    trainer = trainer_cls(model=model, args=args, train_dataset=train_set.select_columns(["prompt", "completion"]),
+    trainer_cls = SFTTrainer
+    if cfg.method in MERGEABLE:
+        # Under gradient checkpointing the model keeps no key/value cache, which prefix sharing needs.
+        share = cfg.share_prefix and not cfg.gradient_checkpointing
+        trainer_cls = _answer_only_trainer(SFTTrainer, cfg.anchor_kl, share)
+    trainer = trainer_cls(model=model, args=args, train_dataset=train_set.select_columns(columns),
                           processing_class=tokenizer)
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(_progress_callback())
@@ -177,7 +193,7 @@ def _last_checkpoint(folder: Path) -> str | None:
     return str(steps[max(steps)]) if steps else None
 
 
-def _answer_only_trainer(base_cls):
+def _answer_only_trainer(base_cls, anchor_kl: float = 0.0, share_prefix: bool = False):
     """An SFTTrainer whose loss runs the LM head on the answer positions only.
 
     TRL's fused head scores every position on a CPU (its compact path is for Triton devices), and
@@ -185,27 +201,90 @@ def _answer_only_trainer(base_cls):
     the answer positions onto the vocabulary makes a training step about 1.4 times faster here. The
     loss is the same sum of answer-token cross-entropies over the same token count
     (tests/test_train.py compares it, and its gradients, with TRL's).
+
+    With ``anchor_kl`` the rows marked ``train_only`` (general pairs) are scored instead by
+    ``anchor_kl`` times KL(base || tuned) on their answer tokens, the base being the same model with
+    its adapter switched off (its distributions computed once, before training): they teach the
+    adapter to leave general chats as the base answers them.
+    With ``share_prefix`` the prompt prefix that rows of a batch share is computed once
+    (``shared_prefix_hidden``).
     """
     import torch
     import torch.nn.functional as F
 
     class AnswerOnlyLossTrainer(base_cls):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            if anchor_kl:
+                self.data_collator = _with_row_value(self.data_collator, "anchor")
+                self._base_logp = self._base_answer_log_probs()
+
+        def _set_signature_columns_if_needed(self):
+            super()._set_signature_columns_if_needed()
+            if anchor_kl:
+                self._signature_columns = [*self._signature_columns, "anchor"]
+
+        def _trunk_and_head(self, model):
+            peft_model = self.accelerator.unwrap_model(model)
+            inner = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
+            return peft_model, inner, getattr(inner, inner.base_model_prefix), inner.get_output_embeddings()
+
+        def _base_answer_log_probs(self, batch_size: int = 16, top: int = 128) -> dict[int, tuple]:
+            """The base model's next-token distributions on each anchor row, computed once before training:
+            the targets of the KL term, kept as the ``top`` most likely tokens (ids, log-probabilities) of
+            each position, the rest of the probability mass being one more bucket."""
+            peft_model, _, trunk, head = self._trunk_and_head(self.model)
+            rows = [r for r in self.train_dataset if r["anchor"] >= 0]
+            out = {}
+            with torch.no_grad(), peft_model.disable_adapter():
+                for start in range(0, len(rows), batch_size):
+                    chunk = rows[start:start + batch_size]
+                    batch = self.data_collator.inner([{k: v for k, v in r.items() if k != "anchor"} for r in chunk])
+                    batch = {k: v.to(self.model.device) for k, v in batch.items()}
+                    mask = batch.pop("labels")[:, 1:] != -100
+                    hidden = trunk(**batch, use_cache=False).last_hidden_state[:, :-1]
+                    for row, h, m in zip(chunk, hidden, mask):
+                        logp, ids = head(h[m]).float().log_softmax(-1).topk(top, dim=-1)
+                        out[row["anchor"]] = (ids, logp)
+            return out
+
+        def _anchor_kl(self, hidden, head, anchors, positions):
+            """Sum over ``positions`` of KL(base || tuned) on the base's top tokens plus the rest bucket."""
+            ids, base_logp = (torch.cat(t) for t in zip(*(self._base_logp[int(i)] for i in anchors[anchors >= 0])))
+            tuned_logp = head(hidden[positions]).float().log_softmax(-1).gather(1, ids)
+            base_p = base_logp.exp()
+            base_rest = (1 - base_p.sum(1)).clamp(min=1e-12)
+            tuned_rest = (1 - tuned_logp.exp().sum(1)).clamp(min=1e-12)
+            return (base_p * (base_logp - tuned_logp)).sum() + (base_rest * (base_rest.log() - tuned_rest.log())).sum()
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            inner = self.accelerator.unwrap_model(model)
-            inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+            anchors = inputs.pop("anchor", None)
+            peft_model, inner, trunk, head = self._trunk_and_head(model)
             text = inner.config.get_text_config()
             plain_head = all(getattr(text, k, None) in (None, 1.0) for k in
                              ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier"))
             # DDP synchronises gradients through the wrapper's own forward; keep TRL's path there.
             if return_outputs or not plain_head or self.accelerator.num_processes > 1 or not self.model.training:
+                if anchors is not None and bool((anchors >= 0).any()) and self.model.training:
+                    raise AgentpeftError("anchor_kl is not supported for this model or under data parallelism")
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             labels = inputs["labels"][:, 1:]
             mask = labels != -100
             backbone = {k: v for k, v in inputs.items() if k != "labels"}
             backbone["use_cache"] = False
-            hidden = getattr(inner, inner.base_model_prefix)(**backbone).last_hidden_state[:, :-1]
-            logits = inner.get_output_embeddings()(hidden[mask]).float()
-            total = F.cross_entropy(logits, labels[mask], reduction="sum")
+            attention = inputs.get("attention_mask")
+            if share_prefix and attention is not None and set(inputs) <= {"input_ids", "attention_mask", "labels"} \
+                    and bool((attention[:, 1:] <= attention[:, :-1]).all()):  # right-padded rows
+                hidden = shared_prefix_hidden(trunk, inputs["input_ids"], attention)[:, :-1]
+            else:
+                hidden = trunk(**backbone).last_hidden_state[:, :-1]
+            if anchors is None or not bool((anchors >= 0).any()):
+                total = F.cross_entropy(head(hidden[mask]).float(), labels[mask], reduction="sum")
+            else:
+                rows = (anchors >= 0).to(mask.device)
+                own, general = mask & ~rows[:, None], mask & rows[:, None]
+                total = F.cross_entropy(head(hidden[own]).float(), labels[own], reduction="sum")
+                total = total + anchor_kl * self._anchor_kl(hidden, head, anchors, general)
             count = mask.sum() if num_items_in_batch is None else num_items_in_batch
             loss = total / torch.as_tensor(count).clamp(min=1)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
@@ -218,6 +297,72 @@ def _answer_only_trainer(base_cls):
             return loss
 
     return AnswerOnlyLossTrainer
+
+
+def shared_prefix_hidden(trunk, input_ids, attention_mask, min_prefix: int = 8):
+    """``trunk(input_ids, attention_mask).last_hidden_state`` with the prompt prefix that rows share computed once.
+
+    Rows of a right-padded batch are grouped by their common leading tokens (a recipe's system prompt
+    and the chat template around it are identical in every row); each group runs that prefix once,
+    repeats its key/value cache, and runs only the rows' remaining tokens on top. Causal attention makes
+    the result the same as the full forward (tests/test_train.py checks hidden states and gradients).
+    """
+    import torch
+
+    # transformers 5.24 renamed past_key_values to cache.
+    cache_name = "cache" if "cache" in inspect.signature(trunk.forward).parameters else "past_key_values"
+    lengths = attention_mask.sum(1).tolist()
+    ids = input_ids.tolist()
+    groups: list[list] = []  # [rows, length of the prefix they share]
+    for row, n in enumerate(lengths):
+        for group in groups:
+            leader = group[0][0]
+            limit = min(group[1], n - 1)
+            common = next((i for i in range(limit) if ids[row][i] != ids[leader][i]), limit)
+            if common >= min_prefix:
+                group[0].append(row)
+                group[1] = common
+                break
+        else:
+            groups.append([[row], n - 1])
+    parts, order = [], []
+    for rows, shared in groups:
+        index = torch.tensor(rows, device=input_ids.device)
+        if len(rows) == 1 or shared < min_prefix:
+            parts.append(trunk(input_ids=input_ids[index], attention_mask=attention_mask[index],
+                               use_cache=False).last_hidden_state)
+        else:
+            head = trunk(input_ids=input_ids[index[:1], :shared], use_cache=True)
+            cache = head[cache_name]
+            cache.batch_repeat_interleave(len(rows))
+            width = input_ids.size(1)
+            tail = trunk(input_ids=input_ids[index, shared:], attention_mask=attention_mask[index], **{cache_name: cache},
+                         position_ids=torch.arange(shared, width, device=input_ids.device).expand(len(rows), -1),
+                         use_cache=True).last_hidden_state
+            parts.append(torch.cat([head.last_hidden_state.expand(len(rows), -1, -1), tail], dim=1))
+        order += rows
+    hidden = torch.cat(parts)
+    return hidden[torch.argsort(torch.tensor(order, device=hidden.device))]
+
+
+def with_anchor_column(rows):
+    """``rows`` with an ``anchor`` column: the row's index for train-only (general) pairs, -1 for the others."""
+    return rows.map(lambda row, i: {"anchor": i if row["train_only"] else -1}, with_indices=True, keep_in_memory=True)
+
+
+class _with_row_value:
+    """A collator that passes an integer dataset column to the loss as a tensor, one value per row."""
+
+    def __init__(self, inner, column: str):
+        self.inner, self.column = inner, column
+
+    def __call__(self, examples: list[dict]):
+        import torch
+
+        values = [int(e.pop(self.column)) for e in examples]
+        batch = self.inner(examples)
+        batch[self.column] = torch.tensor(values)
+        return batch
 
 
 def _progress_callback():
