@@ -69,6 +69,11 @@ def load_plugins() -> pluggy.PluginManager:
     return pm
 
 
+def plugin_fingerprint() -> list[str]:
+    """Each loaded plugin as "name package": part of every cache key, so that a plugin change invalidates it."""
+    return sorted(f"{p['name']} {p['package']}" for p in get_plugins())
+
+
 def get_plugins() -> list[dict]:
     """Describe every registered plugin: name, hooks and distribution."""
     load_plugins()

@@ -592,7 +592,7 @@ def dataset_cache_key(recipe: "Recipe", base_dir: Path) -> str:
     model's tokenizer files, the agentpeft version and the loaded plugins.
     """
     from .. import __version__
-    from ..plugins import get_plugins
+    from ..plugins import plugin_fingerprint
 
     tokenizer = {name: file_sha256(Path(base_dir) / name) for name in _TOKENIZER_FILES
                  if (Path(base_dir) / name).is_file()}
@@ -604,7 +604,7 @@ def dataset_cache_key(recipe: "Recipe", base_dir: Path) -> str:
         "tokenizer": tokenizer,
         "agentpeft": __version__,
         "rows": DATASET_FORMAT,
-        "plugins": sorted(f"{p['name']} {p['package']}" for p in get_plugins()),
+        "plugins": plugin_fingerprint(),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 

@@ -259,10 +259,10 @@ def _base_cache_file(base_dir: Path, eval_rows: list[dict], probe_rows: list[dic
 
     from .. import __version__
     from ..models import base_info, home
-    from ..plugins import get_plugins
+    from ..plugins import plugin_fingerprint
 
     payload = {"base": base_info(base_dir)["sha256"], "agentpeft": __version__, "torch": torch.__version__,
-               "plugins": sorted(f"{p['name']} {p['package']}" for p in get_plugins()),
+               "plugins": plugin_fingerprint(),
                "rows": [[r["prompt"], r["answer"], r.get("key")] for r in eval_rows],
                "probe": [[r["prompt"], r["key"]] for r in probe_rows], "text": general_text(),
                "metrics": metric_names, "max_new_tokens": max_new_tokens}

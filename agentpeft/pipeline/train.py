@@ -259,7 +259,7 @@ def _answer_only_trainer(base_cls, anchor_kl: float = 0.0, share_prefix: bool = 
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             anchors = inputs.pop("anchor", None)
-            peft_model, inner, trunk, head = self._trunk_and_head(model)
+            _, inner, trunk, head = self._trunk_and_head(model)
             text = inner.config.get_text_config()
             plain_head = all(getattr(text, k, None) in (None, 1.0) for k in
                              ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier"))
