@@ -207,3 +207,52 @@ def test_shared_prefix_forward_equals_the_full_forward(tiny_base):
     for ours, reference in zip(torch.autograd.grad((shared * weights).sum(), params),
                                torch.autograd.grad((full * weights).sum(), params)):
         torch.testing.assert_close(ours, reference, rtol=1e-3, atol=1e-5)
+
+
+def test_null_space_keeps_the_adapter_off_the_general_pairs_subspace(tiny_base, tmp_path):
+    import torch
+    from datasets import load_from_disk
+
+    from agentpeft.models import load_model
+    from agentpeft.pipeline.train import input_subspaces
+
+    recipe = configure("support-bot")
+    tokenizer = load_tokenizer(tiny_base)
+    data = build_dataset(ingest(recipe.kb_path), ["faq", "general"], tokenizer, recipe.system_prompt,
+                         tmp_path / "data", train_phrasings=1).path
+    rows = load_from_disk(str(data))["train"]
+    general = [tokenizer.apply_chat_template(r["prompt"] + r["completion"], tokenize=False)
+               for r in rows if r["train_only"]]
+    batch = tokenizer(general[:16], return_tensors="pt", padding=True, add_special_tokens=False)
+    base = load_model(tiny_base).eval()
+    with torch.no_grad():
+        base_logits = base(**batch).logits
+
+    def change_on_general(null_space: float) -> float:
+        cfg = _cfg(method="lora", null_space=null_space, max_steps=6, lr=1e-3, warmup_ratio=0.0)
+        out = tmp_path / f"ns-{null_space}"
+        train(tiny_base, data, out, cfg, log=lambda s: None)
+        tuned = load_tuned(tiny_base, out / "adapter")
+        if null_space:
+            # Every trained A is orthogonal to the subspace the general pairs use at its layer.
+            batches = [dict(tokenizer(general[i:i + 16], return_tensors="pt", padding=True, add_special_tokens=False))
+                       for i in range(0, len(general), 16)]
+            with tuned.disable_adapter():
+                bases = input_subspaces(tuned, lambda b: tuned(**b), batches, null_space)
+            assert bases
+            for module, basis in bases.items():
+                a = module.lora_A["default"].weight.detach()
+                assert basis.size(1) < basis.size(0) and (a @ basis).norm() < 1e-4 * a.norm()
+                assert module.lora_B["default"].weight.abs().sum() > 0
+        with torch.no_grad():
+            logits = tuned(**batch).logits
+        mask = batch["attention_mask"].bool()
+        return float((logits - base_logits)[mask].norm() / base_logits[mask].norm())
+
+    free, kept = change_on_general(0.0), change_on_general(0.9)
+    assert 0 < kept < free / 3
+
+
+def test_null_space_without_general_pairs_is_a_clear_error(tiny_base, dataset, tmp_path):
+    with pytest.raises(AgentpeftError, match="null_space needs the general pairs"):
+        train(tiny_base, dataset, tmp_path / "t", _cfg(null_space=0.99))
