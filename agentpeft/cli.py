@@ -52,9 +52,6 @@ TRAIN_OPTIONS = (
     click.option("--max-seq-len", type=int, help="Longest rendered pair, in tokens."),
     click.option("--anchor-kl", type=float,
                  help="Weight of the KL-to-base loss on train-only general pairs (0: cross-entropy on their answers)."),
-    click.option("--null-space", type=float,
-                 help="Keep LoRA off the input subspace holding this fraction of the general pairs' activation energy "
-                      "(e.g. 0.99; 0: off)."),
     click.option("--seed", type=int, help="Random seed."),
     click.option("--save-steps", type=int, help="Checkpoint every N steps (what --resume continues from)."),
     click.option("--report-to", type=click.Choice(["none", "tensorboard", "wandb"]), multiple=True,

@@ -72,9 +72,6 @@ class TrainConfig(_Strict):
     anchor_kl: float = Field(0.0, ge=0, description=(
         "train-only general pairs hold the model to its base: their loss is this weight times the KL divergence "
         "from the base model's next-token distributions (adapter off) instead of cross-entropy; 0: cross-entropy"))
-    null_space: float = Field(0.0, ge=0, lt=1, description=(
-        "LoRA's input directions avoid the subspace that carries this fraction of the energy of the general "
-        "pairs' activations at each adapted layer, so general chats pass the adapter almost untouched; 0: off"))
     save_steps: int = Field(0, ge=0, description="checkpoint every N steps; 0 = four times per run")
     report_to: list[Literal["none", "tensorboard", "wandb"]] = ["none"]
     seed: int = 42

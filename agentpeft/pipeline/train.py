@@ -80,17 +80,6 @@ def train(base_dir: Path, dataset_dir: Path, out_dir: Path, cfg: TrainConfig, re
                                  "`agentpeft data`")
         train_set = with_anchor_column(train_set)
         columns.append("anchor")
-    general = None
-    if cfg.null_space and cfg.method not in ("qlora", "lora"):
-        log(f"null_space applies to qlora and lora: {cfg.method} trains without it")
-        cfg = cfg.model_copy(update={"null_space": 0.0})
-    if cfg.null_space:
-        general = train_set.filter(lambda row: row["train_only"], keep_in_memory=True) \
-            if "train_only" in train_set.column_names else []
-        if not len(general):
-            raise AgentpeftError("null_space needs the general pairs the `general` generator adds (data.generators); "
-                                 "add it or set null_space to 0")
-        general = list(general.select_columns(["prompt", "completion"]))
     tokenizer = load_tokenizer(base_dir)
     tokenizer.padding_side = "right"
     quantized = cfg.method == "qlora"
@@ -143,12 +132,9 @@ def train(base_dir: Path, dataset_dir: Path, out_dir: Path, cfg: TrainConfig, re
     if cfg.method in MERGEABLE:
         # Under gradient checkpointing the model keeps no key/value cache, which prefix sharing needs.
         share = cfg.share_prefix and not cfg.gradient_checkpointing
-        trainer_cls = _answer_only_trainer(SFTTrainer, cfg.anchor_kl, share, cfg.null_space, general)
+        trainer_cls = _answer_only_trainer(SFTTrainer, cfg.anchor_kl, share)
     trainer = trainer_cls(model=model, args=args, train_dataset=train_set.select_columns(columns),
                           processing_class=tokenizer)
-    if getattr(trainer, "null_space_kept", None):
-        log(f"null_space {cfg.null_space}: LoRA inputs keep {trainer.null_space_kept:.0%} of the input dimensions, "
-            f"off the general pairs' main subspace")
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(_progress_callback())
     checkpoint = _last_checkpoint(out_dir / "checkpoints") if resume else None
@@ -207,8 +193,7 @@ def _last_checkpoint(folder: Path) -> str | None:
     return str(steps[max(steps)]) if steps else None
 
 
-def _answer_only_trainer(base_cls, anchor_kl: float = 0.0, share_prefix: bool = False, null_space: float = 0.0,
-                         general: list[dict] | None = None):
+def _answer_only_trainer(base_cls, anchor_kl: float = 0.0, share_prefix: bool = False):
     """An SFTTrainer whose loss runs the LM head on the answer positions only.
 
     TRL's fused head scores every position on a CPU (its compact path is for Triton devices), and
@@ -223,10 +208,6 @@ def _answer_only_trainer(base_cls, anchor_kl: float = 0.0, share_prefix: bool = 
     adapter to leave general chats as the base answers them.
     With ``share_prefix`` the prompt prefix that rows of a batch share is computed once
     (``shared_prefix_hidden``).
-    With ``null_space`` every LoRA ``A`` matrix is kept orthogonal to the input directions that carry
-    that fraction of the ``general`` pairs' activation energy (``input_subspaces``), its gradient
-    projected and its weights re-projected after every optimizer step: the adapter responds to what
-    sets the knowledge base's prompts apart and passes general chats almost untouched.
     """
     import torch
     import torch.nn.functional as F
@@ -237,24 +218,6 @@ def _answer_only_trainer(base_cls, anchor_kl: float = 0.0, share_prefix: bool = 
             if anchor_kl:
                 self.data_collator = _with_row_value(self.data_collator, "anchor")
                 self._base_logp = self._base_answer_log_probs()
-            if null_space:
-                self._keep_off_general_subspace()
-
-        def _keep_off_general_subspace(self, batch_size: int = 16) -> None:
-            peft_model, _, trunk, _ = self._trunk_and_head(self.model)
-            tokenizer = self.processing_class
-            texts = [tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=False) for row in general]
-            batches = [tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True, truncation=True,
-                                 max_length=self.args.max_length, add_special_tokens=False).to(self.model.device)
-                       for i in range(0, len(texts), batch_size)]
-            with peft_model.disable_adapter():
-                bases = input_subspaces(peft_model, lambda batch: trunk(**batch, use_cache=False), batches, null_space)
-            pairs = [(module.lora_A["default"].weight, basis) for module, basis in bases.items()]
-            for weight, basis in pairs:
-                weight.register_hook(lambda grad, basis=basis: grad - (grad @ basis) @ basis.T)
-            project_off(pairs)
-            self.add_callback(_reprojection_callback(pairs))
-            self.null_space_kept = 1 - sum(b.size(1) / b.size(0) for _, b in pairs) / len(pairs)
 
         def _set_signature_columns_if_needed(self):
             super()._set_signature_columns_if_needed()
@@ -380,59 +343,6 @@ def shared_prefix_hidden(trunk, input_ids, attention_mask, min_prefix: int = 8):
         order += rows
     hidden = torch.cat(parts)
     return hidden[torch.argsort(torch.tensor(order, device=hidden.device))]
-
-
-def input_subspaces(model, run, batches: list[dict], energy: float) -> dict:
-    """For each LoRA layer of ``model``: the orthonormal directions (columns) that carry ``energy`` of its inputs'
-    energy over the non-padding tokens of ``batches`` (top eigenvectors of their second-moment matrix),
-    ``run(batch)`` being the forward pass that feeds them."""
-    import torch
-
-    layers = [m for m in model.modules() if "default" in getattr(m, "lora_A", {})]
-    moments: dict = {}
-    tokens = []
-
-    def record(module, args):
-        x = args[0].reshape(-1, args[0].size(-1))[tokens[-1]].double()
-        moments[module] = moments.get(module, 0) + x.T @ x
-
-    handles = [m.register_forward_pre_hook(record) for m in layers]
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                tokens.append(batch["attention_mask"].reshape(-1).bool())
-                run(batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-    bases = {}
-    for module, moment in moments.items():
-        values, vectors = torch.linalg.eigh(moment)
-        values, vectors = values.flip(0).clamp(min=0), vectors.flip(1)
-        kept = int((values.cumsum(0) < energy * values.sum()).sum()) + 1
-        bases[module] = vectors[:, :kept].to(module.lora_A["default"].weight.dtype)
-    return bases
-
-
-def project_off(pairs: list) -> None:
-    """Make each LoRA ``A`` weight orthogonal to the columns of its basis: ``A -= (A U) U^T``."""
-    import torch
-
-    with torch.no_grad():
-        for weight, basis in pairs:
-            weight.sub_((weight @ basis) @ basis.T)
-
-
-def _reprojection_callback(pairs: list):
-    """A trainer callback that re-projects after every optimizer step: Adam's per-coordinate scaling moves
-    a projected gradient's update off the allowed subspace."""
-    from transformers import TrainerCallback
-
-    class Reprojection(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            project_off(pairs)
-
-    return Reprojection()
 
 
 def with_anchor_column(rows):
