@@ -6,6 +6,7 @@ import functools
 import hashlib
 import inspect
 import json
+import math
 import os
 import re
 import shutil
@@ -189,6 +190,29 @@ def weights_hash(folder: Path) -> str:
         digest.update(f.name.encode())
         digest.update(file_sha256(f).encode())
     return digest.hexdigest()
+
+
+def parameter_count(folder: Path | str) -> int | None:
+    """Elements in a checkpoint's safetensors files, read from their headers; None without safetensors."""
+    from safetensors import safe_open
+
+    files = sorted(Path(folder).glob("*.safetensors"))
+    total = 0
+    for f in files:
+        with safe_open(str(f), "pt") as fh:
+            total += sum(math.prod(fh.get_slice(k).get_shape()) for k in fh.keys())
+    return total if files else None
+
+
+def dense_nf4_fits(folder: Path | str) -> bool:
+    """Whether to keep a QLoRA base dequantized during training: on a CPU, where bitsandbytes dequantizes
+    NF4 to fp32 for every matmul anyway, when the fp32 copy takes under a quarter of the available memory."""
+    import psutil
+    import torch
+
+    count = parameter_count(folder)
+    return not torch.cuda.is_available() and count is not None and \
+        4 * count < psutil.virtual_memory().available / 4
 
 
 def base_info(folder: Path) -> dict:

@@ -1,9 +1,11 @@
 """Benchmark: how much of the forgetting-probe drop any change of the adapter's size would cost.
 
-Asks the forgetting probe of base + a trained LoRA adapter three ways: as trained; with every layer's
-adapter replaced by a random one of the same Frobenius norm (``B A`` scaled to match, per layer); and
-with the trained adapter at half strength. If a random adapter of the same size costs most of the
-drop, the drop comes from how far the weights move, not from what the adapter learned.
+Asks the forgetting probe (and the build's held-out questions, from its eval.json) of base + a trained
+LoRA adapter: as trained; with every layer's adapter replaced by a random one of the same Frobenius
+norm (``B A`` scaled to match, per layer); and with the trained adapter scaled down (``--scales``,
+as WiSE-FT-style interpolation toward the base does). If a random adapter of the same size costs most
+of the drop, the drop comes from how far the weights move, not from what the adapter learned; the
+scaled adapters trace how much held-out accuracy each probe point costs.
 
     python bench/probe_fragility.py --registry-entry $AGENTPEFT_HOME/registry/support-bot/1
 """
@@ -18,7 +20,8 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 
 
-def probe_accuracy(base: Path, adapter: Path, mode: str, seed: int = 0) -> float:
+def accuracies(base: Path, adapter: Path, held_out: list[dict], mode: str, scale: float = 1.0,
+               seed: int = 0) -> dict:
     import torch
 
     from agentpeft.models import load_tokenizer, load_tuned
@@ -34,29 +37,39 @@ def probe_accuracy(base: Path, adapter: Path, mode: str, seed: int = 0) -> float
             if mode == "random":
                 norm = (b @ a).norm()
                 a2, b2 = torch.randn(a.shape, generator=generator), torch.randn(b.shape, generator=generator)
-                scale = (norm / (b2 @ a2).norm()).sqrt()
-                a.copy_(a2 * scale)
-                b.copy_(b2 * scale)
-            elif mode == "half":
-                b.mul_(0.5)
-    figures, _ = score_model(model.merge_and_unload(), load_tokenizer(base), chat_rows(forgetting_probe(), None),
-                             ["accuracy"], 32)
-    return figures["accuracy"]
+                factor = (norm / (b2 @ a2).norm()).sqrt()
+                a.copy_(a2 * factor)
+                b.copy_(b2 * factor)
+            b.mul_(scale)
+    merged, tokenizer = model.merge_and_unload(), load_tokenizer(base)
+    probe, _ = score_model(merged, tokenizer, chat_rows(forgetting_probe(), None), ["accuracy"], 32)
+    held, _ = score_model(merged, tokenizer, held_out, ["accuracy"], 48)
+    return {"probe": probe["accuracy"], "held_out": held["accuracy"]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--registry-entry", required=True, help="a registry version folder (manifest.json, adapter/)")
+    parser.add_argument("--scales", default="1.0,0.7,0.5", help="strengths of the trained adapter to ask")
     parser.add_argument("--out", default=str(RESULTS / "probe_fragility.json"))
     args = parser.parse_args()
+
+    from agentpeft.pipeline.evaluate import chat_rows
+
     entry = Path(args.registry_entry)
     manifest = json.loads((entry / "manifest.json").read_text())
     base = Path(manifest["base_model"]["path"])
+    examples = json.loads((entry / "eval.json").read_text())["examples"]
+    held_out = chat_rows([{"question": e["question"], "answer": e["reference"], "key": e["key"]} for e in examples],
+                         manifest.get("system_prompt"))
+    rows = [{"adapter": f"trained x{s}", **accuracies(base, entry / "adapter", held_out, "trained", float(s))}
+            for s in args.scales.split(",")]
+    rows.append({"adapter": "random, same per-layer norm", **accuracies(base, entry / "adapter", held_out, "random")})
     result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "model": f"{manifest['name']}@{manifest['version']}",
               "probe_base_accuracy": (manifest["metrics"].get("forgetting") or {}).get("base_accuracy"),
-              "probe_accuracy": {mode: probe_accuracy(base, entry / "adapter", mode)
-                                 for mode in ("trained", "random", "half")}}
+              "held_out_base_accuracy": manifest["metrics"]["base"].get("accuracy"),
+              "rows": rows}
     print(json.dumps(result, indent=2))
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 

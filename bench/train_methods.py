@@ -46,7 +46,9 @@ def run_one(method: str, steps: int, workdir: Path) -> dict:
     from agentpeft.pipeline import train as train_stage
     from agentpeft.recipe import configure
 
-    recipe = configure("support-bot", max_steps=steps, method="lora" if method == "full" else method)
+    # QLoRA in its 4-bit form, the memory `agentpeft plan` estimates (not the dense copy a CPU run may train on).
+    recipe = configure("support-bot", max_steps=steps, method="lora" if method == "full" else method,
+                       **({"dequantize_once": False} if method == "qlora" else {}))
     base = resolve_base(recipe.base_model)
     data = build_dataset(ingest(recipe.kb_path), recipe.data.generators, load_tokenizer(base), recipe.system_prompt,
                          workdir / "data")

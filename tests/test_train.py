@@ -207,3 +207,38 @@ def test_shared_prefix_forward_equals_the_full_forward(tiny_base):
     for ours, reference in zip(torch.autograd.grad((shared * weights).sum(), params),
                                torch.autograd.grad((full * weights).sum(), params)):
         torch.testing.assert_close(ours, reference, rtol=1e-3, atol=1e-5)
+
+
+def test_dequantize_once_trains_the_same_adapter_as_the_4bit_path(tiny_base, dataset, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    runs = {}
+    for dense in (False, True):
+        logs: list[str] = []
+        out = tmp_path / f"dense-{dense}"
+        result = train(tiny_base, dataset, out, _cfg(max_steps=3, dequantize_once=dense), log=logs.append)
+        assert any("dequantized once" in line for line in logs) == dense
+        assert adapter_meta(out / "adapter")["quantized_base"]
+        runs[dense] = (result, load_file(out / "adapter" / "adapter_model.safetensors"))
+    (nf4, nf4_weights), (dense, dense_weights) = runs[False], runs[True]
+    # On a CPU bitsandbytes computes with the NF4 weights dequantized to fp32: the same numbers.
+    assert nf4.final_loss == pytest.approx(dense.final_loss, rel=1e-4)
+    assert nf4_weights.keys() == dense_weights.keys()
+    for name in nf4_weights:
+        torch.testing.assert_close(dense_weights[name], nf4_weights[name], rtol=1e-3, atol=1e-5)
+    assert any(w.abs().sum() > 0 for n, w in dense_weights.items() if "lora_B" in n)
+
+
+def test_dequantize_once_by_default_only_where_the_fp32_copy_fits(tiny_base, monkeypatch):
+    import psutil
+
+    from agentpeft import models
+
+    count = models.parameter_count(tiny_base)
+    assert count == sum(p.numel() for p in models.load_model(tiny_base).parameters())
+    free = type("Mem", (), {"available": 16 * 4 * count})
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: free)
+    assert models.dense_nf4_fits(tiny_base)
+    free.available = 16 * count - 1  # the fp32 copy would take more than a quarter
+    assert not models.dense_nf4_fits(tiny_base)

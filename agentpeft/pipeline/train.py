@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .. import progress
 from ..errors import AgentpeftError
-from ..models import ADAPTER_META, load_model, load_tokenizer
+from ..models import ADAPTER_META, dense_nf4_fits, load_model, load_tokenizer
 from ..recipe import TrainConfig
 
 #: Methods whose adapter can be folded into the base weights.
@@ -83,8 +83,11 @@ def train(base_dir: Path, dataset_dir: Path, out_dir: Path, cfg: TrainConfig, re
     tokenizer = load_tokenizer(base_dir)
     tokenizer.padding_side = "right"
     quantized = cfg.method == "qlora"
-    model = load_model(base_dir, quantized=quantized)
-    if quantized:
+    dense = quantized and (dense_nf4_fits(base_dir) if cfg.dequantize_once is None else cfg.dequantize_once)
+    if dense:
+        log("qlora: training on the NF4 weights dequantized once to fp32 (dequantize_once)")
+    model = load_model(base_dir, quantized=quantized and not dense, dequantized=dense)
+    if quantized and not dense:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     elif cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
