@@ -360,6 +360,8 @@ def serve(ref, host, port):
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--seq-len", type=int, default=256, show_default=True, help="Padded sequence length, in tokens.")
 @click.option("--gradient-checkpointing", is_flag=True, help="Estimate with gradient checkpointing.")
+@click.option("--dequantize-once", is_flag=True,
+              help="qlora: the NF4 weights kept dequantized in fp32, as training does on a CPU where that copy fits.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
               help="Weights (lora, full) and activations.")

@@ -127,7 +127,7 @@ def meta_model(config, method: str, r: int = 16, alpha: int = 32, target_modules
 
 def plan(base: str, method: str = "qlora", r: int = 16, target_modules: list[str] | str = "all-linear",
          batch_size: int = 8, seq_len: int = 256, gradient_checkpointing: bool = False, device: str = "cpu",
-         dtype: str = "float32", alpha: int = 32, dropout: float = 0.0) -> Plan:
+         dtype: str = "float32", alpha: int = 32, dropout: float = 0.0, dequantize_once: bool = False) -> Plan:
     """Count parameters exactly and estimate the peak memory of training ``base`` with ``method``."""
     if method not in METHODS:
         raise AgentpeftError(f"--method must be one of {', '.join(METHODS)}, not {method!r}")
@@ -161,11 +161,16 @@ def plan(base: str, method: str = "qlora", r: int = 16, target_modules: list[str
         quant = [p for p in frozen if id(p) in quantizable]
         rest = [p for p in frozen if id(p) not in quantizable]
         n4 = sum(p.numel() for p in quant)
-        c["weights_4bit"] = n4 // 2 + n4 // _NF4_BLOCK + 4 * (n4 // (_NF4_BLOCK * _NF4_BLOCK2) + 1) + 2048 * len(quant)
+        if dequantize_once:  # train.dequantize_once: the NF4 values kept in fp32, nothing dequantized per call
+            c["weights_dequantized"] = 4 * n4
+        else:
+            c["weights_4bit"] = n4 // 2 + n4 // _NF4_BLOCK + 4 * (n4 // (_NF4_BLOCK * _NF4_BLOCK2) + 1) \
+                + 2048 * len(quant)
         c["weights_other"] = 4 * sum(p.numel() for p in rest)
         if device == "cpu":
             c["checkpoint_mapping"] = _checkpoint_bytes(config) * sum(p.numel() for p in frozen)
-        c["dequant_buffer"] = 4 * max((p.numel() for p in quant), default=0)
+        if not dequantize_once:
+            c["dequant_buffer"] = 4 * max((p.numel() for p in quant), default=0)
     else:
         c["weights"] = wbytes * sum(p.numel() for p in (frozen if method != "full" else model.parameters()))
     state = wbytes if method == "full" else 4

@@ -21,9 +21,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-METHODS = ("qlora", "lora", "dora", "prefix", "prompt", "full")
+METHODS = ("qlora", "qlora-dense", "lora", "dora", "prefix", "prompt", "full")
 #: Methods that ``agentpeft plan`` estimates.
-PLANNED = ("qlora", "lora", "full")
+PLANNED = ("qlora", "qlora-dense", "lora", "full")
 
 
 def peak_rss_kib() -> int:
@@ -46,9 +46,12 @@ def run_one(method: str, steps: int, workdir: Path) -> dict:
     from agentpeft.pipeline import train as train_stage
     from agentpeft.recipe import configure
 
-    # QLoRA in its 4-bit form, the memory `agentpeft plan` estimates (not the dense copy a CPU run may train on).
-    recipe = configure("support-bot", max_steps=steps, method="lora" if method == "full" else method,
-                       **({"dequantize_once": False} if method == "qlora" else {}))
+    # qlora: the 4-bit path; qlora-dense: the NF4 weights dequantized once (what a CPU run does where it fits).
+    dense = method == "qlora-dense"
+    recipe = configure("support-bot", max_steps=steps, method={"full": "lora", "qlora-dense": "qlora"}.get(method, method),
+                       **({"dequantize_once": dense} if method.startswith("qlora") else {}),
+                       # full fine-tuning has no adapter to switch off for the KL anchor's base distributions
+                       **({"anchor_kl": 0.0} if method == "full" else {}))
     base = resolve_base(recipe.base_model)
     data = build_dataset(ingest(recipe.kb_path), recipe.data.generators, load_tokenizer(base), recipe.system_prompt,
                          workdir / "data")
@@ -72,8 +75,8 @@ def run_one(method: str, steps: int, workdir: Path) -> dict:
     largest = {"tokens": 0}
     real_trainer = train_stage._answer_only_trainer
 
-    def watched_trainer(base_cls):
-        cls = real_trainer(base_cls)
+    def watched_trainer(base_cls, *options):
+        cls = real_trainer(base_cls, *options)
 
         class Watched(cls):
             def compute_loss(self, model, inputs, *a, **k):
@@ -99,7 +102,8 @@ def run_one(method: str, steps: int, workdir: Path) -> dict:
     if method in PLANNED:
         from agentpeft.plan import plan
 
-        estimate = plan(str(base), method, r=recipe.train.r, target_modules=recipe.train.target_modules,
+        estimate = plan(str(base), recipe.train.method if method != "full" else method, r=recipe.train.r,
+                        dequantize_once=dense, target_modules=recipe.train.target_modules,
                         batch_size=largest["batch"], seq_len=largest["length"], dropout=recipe.train.dropout,
                         gradient_checkpointing=recipe.train.gradient_checkpointing)
         measured_gib = row["peak_rss_training_gib"]

@@ -52,6 +52,13 @@ def test_memory_estimate_follows_the_method_and_batch(tmp_path):
     assert lora.components["optimizer"] == 8 * 4_194_304  # two fp32 AdamW states per trainable parameter
     assert full.components["optimizer"] == 2 * 2 * 6_738_415_616
     assert qlora.total_bytes < lora.total_bytes < full.total_bytes
+    # Dequantized once: the quantized weights in fp32 instead of NF4, no per-call dequantization buffer.
+    dense = plan(folder, "qlora", r=8, target_modules=["q_proj", "v_proj"], dequantize_once=True)
+    nf4 = plan(folder, "qlora", r=8, target_modules=["q_proj", "v_proj"])
+    assert "weights_4bit" not in dense.components and "dequant_buffer" not in dense.components
+    assert 3.9 < dense.components["weights_dequantized"] / 6.48e9 < 4.1
+    assert dense.total_bytes - nf4.total_bytes == pytest.approx(
+        dense.components["weights_dequantized"] - nf4.components["weights_4bit"] - nf4.components["dequant_buffer"])
     longer = plan(folder, "lora", r=8, target_modules=["q_proj", "v_proj"], seq_len=512, device="cuda",
                   dtype="bfloat16")
     assert longer.components["activations"] == 2 * lora.components["activations"]
