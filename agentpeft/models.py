@@ -205,14 +205,16 @@ def parameter_count(folder: Path | str) -> int | None:
 
 
 def dense_nf4_fits(folder: Path | str) -> bool:
-    """Whether to keep a QLoRA base dequantized during training: on a CPU, where bitsandbytes dequantizes
-    NF4 to fp32 for every matmul anyway, when the fp32 copy takes under a quarter of the available memory."""
+    """Whether to keep a QLoRA base dequantized during training: on a CPU without native bf16, where
+    bitsandbytes dequantizes NF4 to fp32 for every matmul anyway, when the fp32 copy takes under a
+    quarter of the available memory."""
     import psutil
     import torch
 
+    if torch.cuda.is_available() or bf16_supported():
+        return False
     count = parameter_count(folder)
-    return not torch.cuda.is_available() and count is not None and \
-        4 * count < psutil.virtual_memory().available / 4
+    return count is not None and 4 * count < psutil.virtual_memory().available / 4
 
 
 def base_info(folder: Path) -> dict:

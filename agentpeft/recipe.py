@@ -67,7 +67,8 @@ class TrainConfig(_Strict):
     dequantize_once: bool | None = Field(None, description=(
         "qlora: train on an fp32 copy of the NF4 weights (the same values, and on a CPU the same fp32 matmuls) "
         "instead of dequantizing them in every forward and backward: faster, at 4 bytes per base parameter. "
-        "None: on a CPU when that copy takes under a quarter of the available memory"))
+        "None: on a CPU without native bf16 (fp32 compute) when that copy takes under a quarter of the available "
+        "memory"))
     gradient_checkpointing: bool = False
     group_by_length: bool = Field(True, description="batch examples of similar length: less padding")
     padding_free: bool = Field(False, description="concatenate a batch into one row with position_ids, no padding")

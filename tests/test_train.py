@@ -235,10 +235,14 @@ def test_dequantize_once_by_default_only_where_the_fp32_copy_fits(tiny_base, mon
 
     from agentpeft import models
 
+    monkeypatch.setattr(models, "bf16_supported", lambda: False)
     count = models.parameter_count(tiny_base)
     assert count == sum(p.numel() for p in models.load_model(tiny_base).parameters())
     free = type("Mem", (), {"available": 16 * 4 * count})
     monkeypatch.setattr(psutil, "virtual_memory", lambda: free)
     assert models.dense_nf4_fits(tiny_base)
     free.available = 16 * count - 1  # the fp32 copy would take more than a quarter
+    assert not models.dense_nf4_fits(tiny_base)
+    free.available = 16 * 4 * count
+    monkeypatch.setattr(models, "bf16_supported", lambda: True)  # bitsandbytes would compute in bf16
     assert not models.dense_nf4_fits(tiny_base)
