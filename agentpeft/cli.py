@@ -53,8 +53,8 @@ TRAIN_OPTIONS = (
     click.option("--anchor-kl", type=float,
                  help="Weight of the KL-to-base loss on train-only general pairs (0: cross-entropy on their answers)."),
     click.option("--dequantize-once/--no-dequantize-once", default=None,
-                 help="QLoRA: train on the NF4 weights dequantized once to fp32 (default: on a CPU when that fits in "
-                      "a quarter of the free memory)."),
+                 help="QLoRA: train on the NF4 weights dequantized once to fp32 (default: on a CPU that computes in "
+                      "fp32, when the copy fits in a quarter of the free memory)."),
     click.option("--seed", type=int, help="Random seed."),
     click.option("--save-steps", type=int, help="Checkpoint every N steps (what --resume continues from)."),
     click.option("--report-to", type=click.Choice(["none", "tensorboard", "wandb"]), multiple=True,

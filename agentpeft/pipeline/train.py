@@ -273,14 +273,13 @@ def _answer_only_trainer(base_cls, anchor_kl: float = 0.0, share_prefix: bool = 
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             labels = inputs["labels"][:, 1:]
             mask = labels != -100
-            backbone = {k: v for k, v in inputs.items() if k != "labels"}
-            backbone["use_cache"] = False
             attention = inputs.get("attention_mask")
             if share_prefix and attention is not None and set(inputs) <= {"input_ids", "attention_mask", "labels"} \
                     and bool((attention[:, 1:] <= attention[:, :-1]).all()):  # right-padded rows
                 hidden = shared_prefix_hidden(trunk, inputs["input_ids"], attention)[:, :-1]
             else:
-                hidden = trunk(**backbone).last_hidden_state[:, :-1]
+                backbone = {k: v for k, v in inputs.items() if k != "labels"}
+                hidden = trunk(**backbone, use_cache=False).last_hidden_state[:, :-1]
             if anchors is None or not bool((anchors >= 0).any()):
                 total = F.cross_entropy(head(hidden[mask]).float(), labels[mask], reduction="sum")
             else:
@@ -335,14 +334,14 @@ def shared_prefix_hidden(trunk, input_ids, attention_mask, min_prefix: int = 8):
             parts.append(trunk(input_ids=input_ids[index], attention_mask=attention_mask[index],
                                use_cache=False).last_hidden_state)
         else:
-            head = trunk(input_ids=input_ids[index[:1], :shared], use_cache=True)
-            cache = head[cache_name]
+            prefix = trunk(input_ids=input_ids[index[:1], :shared], use_cache=True)
+            cache = prefix[cache_name]
             cache.batch_repeat_interleave(len(rows))
             width = input_ids.size(1)
             tail = trunk(input_ids=input_ids[index, shared:], attention_mask=attention_mask[index], **{cache_name: cache},
                          position_ids=torch.arange(shared, width, device=input_ids.device).expand(len(rows), -1),
                          use_cache=True).last_hidden_state
-            parts.append(torch.cat([head.last_hidden_state.expand(len(rows), -1, -1), tail], dim=1))
+            parts.append(torch.cat([prefix.last_hidden_state.expand(len(rows), -1, -1), tail], dim=1))
         order += rows
     hidden = torch.cat(parts)
     return hidden[torch.argsort(torch.tensor(order, device=hidden.device))]
