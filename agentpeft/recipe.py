@@ -40,7 +40,7 @@ class DataConfig(_Strict):
     redact_pii: bool = False
     replay: int = Field(96, ge=0, description="general prompts the base model answers, mixed into train by the "
                                               "replay generator (self-distillation against forgetting)")
-    general: int = Field(128, ge=0, le=209, description="general-knowledge Q/A pairs (written by us, disjoint from the "
+    general: int = Field(128, ge=0, le=202, description="general-knowledge Q/A pairs (written by us, disjoint from the "
                                                        "forgetting probe) mixed into train by the general generator")
     dedup_threshold: float = Field(0.85, gt=0, le=1, description="MinHash Jaccard above which pairs are near-duplicates")
 

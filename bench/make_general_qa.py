@@ -2,7 +2,9 @@
 
 They come from the same pool of questions we wrote for the forgetting probe (bench/data/*.jsonl), minus
 every question the probe kept (bench/curate_probe.py), and minus any question whose key fact is one of the
-probe's or whose text or answer mentions one, so that training on them cannot teach a probe answer.
+probe's or whose text or answer mentions one, so that training on them cannot teach a probe answer. The
+probe before session 6 (bench/data/forgetting_probe_v2_greedy_only.jsonl), which bench/probe_fragility.py
+still asks for comparison, is kept out the same way.
 
     python bench/make_general_qa.py
 """
@@ -15,12 +17,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 POOL = [ROOT / "bench" / "data" / "probe_candidates_v1.jsonl", ROOT / "bench" / "data" / "probe_candidates.jsonl"]
-PROBE = ROOT / "agentpeft" / "data" / "forgetting_probe.jsonl"
+PROBES = [ROOT / "agentpeft" / "data" / "forgetting_probe.jsonl",
+          ROOT / "bench" / "data" / "forgetting_probe_v2_greedy_only.jsonl"]
 OUT = ROOT / "agentpeft" / "data" / "general_qa.jsonl"
 
 
 def main() -> None:
-    probe = [json.loads(line) for line in PROBE.read_text().splitlines() if line.strip()]
+    probe = [json.loads(line) for path in PROBES for line in path.read_text().splitlines() if line.strip()]
     questions = {p["question"].lower() for p in probe}
     keys = {k.strip().lower() for p in probe for k in p["key"].split("|")}
     kept, seen = [], set()

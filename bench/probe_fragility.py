@@ -7,6 +7,9 @@ as WiSE-FT-style interpolation toward the base does). If a random adapter of the
 of the drop, the drop comes from how far the weights move, not from what the adapter learned; the
 scaled adapters trace how much held-out accuracy each probe point costs.
 
+``--probe FILE`` asks another probe file (question, answer, key per line) instead of agentpeft's,
+e.g. bench/data/forgetting_probe_v2_greedy_only.jsonl, the probe before curation also sampled.
+
     python bench/probe_fragility.py --registry-entry $AGENTPEFT_HOME/registry/support-bot/1
 """
 
@@ -20,12 +23,12 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 
 
-def accuracies(base: Path, adapter: Path, held_out: list[dict], mode: str, scale: float = 1.0,
+def accuracies(base: Path, adapter: Path, held_out: list[dict], probe: list[dict], mode: str, scale: float = 1.0,
                seed: int = 0) -> dict:
     import torch
 
     from agentpeft.models import load_tokenizer, load_tuned
-    from agentpeft.pipeline.evaluate import chat_rows, forgetting_probe, score_model
+    from agentpeft.pipeline.evaluate import score_model
 
     model = load_tuned(base, adapter, merge=False)
     generator = torch.Generator().manual_seed(seed)
@@ -42,19 +45,22 @@ def accuracies(base: Path, adapter: Path, held_out: list[dict], mode: str, scale
                 b.copy_(b2 * factor)
             b.mul_(scale)
     merged, tokenizer = model.merge_and_unload(), load_tokenizer(base)
-    probe, _ = score_model(merged, tokenizer, chat_rows(forgetting_probe(), None), ["accuracy"], 32)
+    asked, _ = score_model(merged, tokenizer, probe, ["accuracy"], 32)
     held, _ = score_model(merged, tokenizer, held_out, ["accuracy"], 48)
-    return {"probe": probe["accuracy"], "held_out": held["accuracy"]}
+    return {"probe": asked["accuracy"], "held_out": held["accuracy"]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--registry-entry", required=True, help="a registry version folder (manifest.json, adapter/)")
     parser.add_argument("--scales", default="1.0,0.7,0.5", help="strengths of the trained adapter to ask")
+    parser.add_argument("--probe", type=Path, help="a probe file to ask instead of agentpeft's forgetting probe")
+    parser.add_argument("--random-seeds", type=int, default=1, help="random adapters to ask, one per seed")
     parser.add_argument("--out", default=str(RESULTS / "probe_fragility.json"))
     args = parser.parse_args()
 
-    from agentpeft.pipeline.evaluate import chat_rows
+    from agentpeft.models import load_model, load_tokenizer
+    from agentpeft.pipeline.evaluate import chat_rows, forgetting_probe, read_qa_jsonl, score_model
 
     entry = Path(args.registry_entry)
     manifest = json.loads((entry / "manifest.json").read_text())
@@ -62,11 +68,17 @@ def main() -> None:
     examples = json.loads((entry / "eval.json").read_text())["examples"]
     held_out = chat_rows([{"question": e["question"], "answer": e["reference"], "key": e["key"]} for e in examples],
                          manifest.get("system_prompt"))
-    rows = [{"adapter": f"trained x{s}", **accuracies(base, entry / "adapter", held_out, "trained", float(s))}
+    probe = chat_rows(read_qa_jsonl(args.probe) if args.probe else forgetting_probe(), None)
+    base_probe, _ = score_model(load_model(base), load_tokenizer(base), probe, ["accuracy"], 32)
+    adapter = entry / "adapter"
+    rows = [{"adapter": f"trained x{s}", **accuracies(base, adapter, held_out, probe, "trained", float(s))}
             for s in args.scales.split(",")]
-    rows.append({"adapter": "random, same per-layer norm", **accuracies(base, entry / "adapter", held_out, "random")})
+    rows += [{"adapter": f"random, same per-layer norm (seed {seed})",
+              **accuracies(base, adapter, held_out, probe, "random", seed=seed)} for seed in range(args.random_seeds)]
     result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "model": f"{manifest['name']}@{manifest['version']}",
+              "probe": str(args.probe or "agentpeft/data/forgetting_probe.jsonl"), "probe_questions": len(probe),
+              "probe_base_accuracy_now": base_probe["accuracy"],
               "probe_base_accuracy": (manifest["metrics"].get("forgetting") or {}).get("base_accuracy"),
               "held_out_base_accuracy": manifest["metrics"]["base"].get("accuracy"),
               "rows": rows}

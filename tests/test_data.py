@@ -120,6 +120,10 @@ def test_general_pairs_are_plain_chats_disjoint_from_the_probe():
     pool = [json.loads(line) for line in resources.files("agentpeft").joinpath("data", "general_qa.jsonl")
             .read_text().splitlines() if line.strip()]
     assert len(pool) >= 200 and {(p.question, p.answer) for p in pairs} <= {(r["question"], r["answer"]) for r in pool}
+    from agentpeft.recipe import DataConfig
+
+    limit = [m.le for m in DataConfig.model_fields["general"].metadata if getattr(m, "le", None) is not None]
+    assert limit == [len(pool)]  # data.general can ask for every pair the pool holds, and no more
     probe = forgetting_probe()
     keys = {k.strip().lower() for row in probe for k in row["key"].split("|")}
     questions = {row["question"].lower() for row in probe}
