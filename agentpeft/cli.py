@@ -359,6 +359,8 @@ def serve(ref, host, port):
 @click.option("--target-modules", default="all-linear", show_default=True, help="Comma-separated module names, or all-linear.")
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--seq-len", type=int, default=256, show_default=True, help="Padded sequence length, in tokens.")
+@click.option("--grad-accum", type=int, default=1, show_default=True,
+              help="Gradient-accumulation steps (above 1, every gradient is kept beside the activations).")
 @click.option("--gradient-checkpointing", is_flag=True, help="Estimate with gradient checkpointing.")
 @click.option("--dequantize-once", is_flag=True,
               help="qlora: the NF4 weights kept dequantized in fp32, as training does on a CPU where that copy fits.")

@@ -10,7 +10,12 @@ they are exactly what ``print_trainable_parameters`` prints for the same setup. 
   On CPU a 4-bit model is quantized from the memory-mapped checkpoint, whose pages stay resident, so the
   checkpoint file is counted too (``checkpoint_mapping``).
 - **adapter**, **gradients**, **optimizer**: trainable parameters in fp32 (peft keeps adapters in fp32);
-  gradients one copy; AdamW two fp32 states. Full fine-tuning keeps all three in ``dtype``.
+  gradients one copy; AdamW two fp32 states. Full fine-tuning keeps all three in ``dtype``. Without
+  gradient accumulation the gradients and the activations do not peak together: backward frees each
+  layer's saved activations as it writes that layer's gradients, and the optimizer steps after all of
+  them are freed, so the peak is ``max(activations + head gradients, all gradients)`` (the head's, and
+  with tied embeddings the embeddings', gradients come first); ``gradients`` counts what that adds to
+  the activations. With ``grad_accum > 1`` every gradient is kept through the next micro-batch.
 - **activations** for ``T = batch_size * seq_len`` tokens in the compute dtype (fp32 on a CPU without native
   bf16), per decoder layer and token (hidden ``h``, intermediate ``i``, query width ``q = heads * head_dim``,
   key/value width ``kv``):
@@ -127,7 +132,8 @@ def meta_model(config, method: str, r: int = 16, alpha: int = 32, target_modules
 
 def plan(base: str, method: str = "qlora", r: int = 16, target_modules: list[str] | str = "all-linear",
          batch_size: int = 8, seq_len: int = 256, gradient_checkpointing: bool = False, device: str = "cpu",
-         dtype: str = "float32", alpha: int = 32, dropout: float = 0.0, dequantize_once: bool = False) -> Plan:
+         dtype: str = "float32", alpha: int = 32, dropout: float = 0.0, dequantize_once: bool = False,
+         grad_accum: int = 1) -> Plan:
     """Count parameters exactly and estimate the peak memory of training ``base`` with ``method``."""
     if method not in METHODS:
         raise AgentpeftError(f"--method must be one of {', '.join(METHODS)}, not {method!r}")
@@ -135,8 +141,8 @@ def plan(base: str, method: str = "qlora", r: int = 16, target_modules: list[str
         raise AgentpeftError(f"--device must be cpu or cuda, not {device!r}")
     if dtype not in ("float32", "bfloat16"):
         raise AgentpeftError(f"--dtype must be float32 or bfloat16, not {dtype!r}")
-    if min(r, batch_size, seq_len) < 1:
-        raise AgentpeftError("--r, --batch-size and --seq-len must be positive")
+    if min(r, batch_size, seq_len, grad_accum) < 1:
+        raise AgentpeftError("--r, --batch-size, --seq-len and --grad-accum must be positive")
     import torch
 
     config = load_config(base)
@@ -176,10 +182,14 @@ def plan(base: str, method: str = "qlora", r: int = 16, target_modules: list[str
     state = wbytes if method == "full" else 4
     if method != "full":
         c["adapter"] = 4 * trainable
+    activations = abytes * _activation_elements(config, base_model, method, r, dropout, lora_a,
+                                                batch_size * seq_len, gradient_checkpointing)
     c["gradients"] = state * trainable
+    if grad_accum == 1:
+        head = state * sum(p.numel() for p in lm_head.parameters() if p.requires_grad)
+        c["gradients"] = max(head, c["gradients"] - activations)
     c["optimizer"] = 2 * state * trainable
-    c["activations"] = abytes * _activation_elements(config, base_model, method, r, dropout, lora_a,
-                                                     batch_size * seq_len, gradient_checkpointing)
+    c["activations"] = activations
     c["overhead"] = CUDA_FRAMEWORK_BYTES if device == "cuda" else CPU_FRAMEWORK_BYTES
     return result
 

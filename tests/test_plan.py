@@ -67,6 +67,24 @@ def test_memory_estimate_follows_the_method_and_batch(tmp_path):
     assert checkpointed.components["activations"] < lora.components["activations"] / 5
 
 
+def test_gradients_and_activations_do_not_peak_together_without_accumulation(tmp_path):
+    folder = str(_folder(tmp_path, "llama2", LLAMA2_7B))
+    every = 2 * 6_738_415_616  # bf16 gradients of every weight
+    head = 2 * 32000 * 4096  # lm_head (untied): its gradients come first in backward
+    full = plan(folder, "full", device="cuda", dtype="bfloat16", batch_size=16, seq_len=2048)
+    assert full.components["activations"] > every and full.components["gradients"] == head
+    accumulating = plan(folder, "full", device="cuda", dtype="bfloat16", batch_size=16, seq_len=2048, grad_accum=4)
+    assert accumulating.components["gradients"] == every
+    assert accumulating.total_bytes - full.total_bytes == every - head
+    # With checkpointing the activations are small: the peak is every gradient, at the end of backward.
+    checkpointed = plan(folder, "full", device="cuda", dtype="bfloat16", gradient_checkpointing=True)
+    assert checkpointed.components["gradients"] + checkpointed.components["activations"] == every
+    lora = plan(folder, "lora", r=8, target_modules=["q_proj", "v_proj"], device="cuda", dtype="bfloat16")
+    assert lora.components["gradients"] == 0  # a frozen head; each adapter's gradients replace its activations
+    result = CliRunner().invoke(cli, ["plan", "--base", folder, "--grad-accum", "0"])
+    assert result.exit_code != 0 and "--grad-accum" in result.output and "Traceback" not in result.output
+
+
 def test_python_api_and_json_output(tmp_path, tiny_base):
     import agentpeft
 
