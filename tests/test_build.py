@@ -250,3 +250,14 @@ def test_a_rebuild_reuses_the_base_models_answers(tiny_base, home, monkeypatch):
     asked.clear()
     build_tiny(tiny_base, "third", max_steps=1, eval_limit=5)
     assert asked == [5, 5]
+
+
+def test_an_unwritable_base_answer_cache_costs_only_a_rebuild(tiny_base, home):
+    """Like the dataset cache: a base-eval cache that cannot be written does not fail the build."""
+    from conftest import build_tiny
+
+    (home / "cache").mkdir(parents=True, exist_ok=True)
+    (home / "cache" / "base-eval").write_text("a file where the cache folder belongs")
+    result = build_tiny(tiny_base, "nocache", max_steps=1, eval_limit=4)
+    assert json.loads((result.build_dir / "eval" / "eval.json").read_text())["n"] == 4
+    assert (home / "cache" / "base-eval").is_file()

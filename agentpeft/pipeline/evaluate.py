@@ -233,9 +233,13 @@ def evaluate(base_dir: Path, adapter_dir: Path, eval_rows: list[dict], metric_na
                 forgetting[f"{who}_perplexity"] = reference_perplexity(model, tokenizer, text_rows)
             del model
             if who == "base":
-                _write_atomic(base_cache, json.dumps({
-                    "figures": figures["base"], "replies": {k: v for k, v in replies.items() if k.startswith("base")},
-                    "forgetting": {k: v for k, v in forgetting.items() if k.startswith("base")}}))
+                try:
+                    _write_atomic(base_cache, json.dumps({
+                        "figures": figures["base"],
+                        "replies": {k: v for k, v in replies.items() if k.startswith("base")},
+                        "forgetting": {k: v for k, v in forgetting.items() if k.startswith("base")}}))
+                except OSError:
+                    pass  # a cache that cannot be written only costs asking the base again next time
     if probe:
         forgetting["n"] = len(probe_rows)
         forgetting["accuracy_drop"] = round(forgetting["base_accuracy"] - forgetting["tuned_accuracy"], 4)
@@ -273,8 +277,11 @@ def _base_cache_file(base_dir: Path, eval_rows: list[dict], probe_rows: list[dic
 def _write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_eval_files(result: EvalResult, rows: list[dict], replies: dict, probe_rows: list[dict],
