@@ -246,3 +246,17 @@ def test_dequantize_once_by_default_only_where_the_fp32_copy_fits(tiny_base, mon
     free.available = 16 * 4 * count
     monkeypatch.setattr(models, "bf16_supported", lambda: True)  # bitsandbytes would compute in bf16
     assert not models.dense_nf4_fits(tiny_base)
+
+
+@pytest.mark.parametrize("native_bf16", [False, True])
+def test_qlora_adapter_stays_fp32_on_a_cpu_that_emulates_bf16(native_bf16, tiny_base, dataset, tmp_path, monkeypatch):
+    import torch
+    from safetensors.torch import load_file
+
+    from agentpeft.pipeline import train as train_stage
+
+    monkeypatch.setattr(train_stage, "bf16_supported", lambda: native_bf16)
+    result = train(tiny_base, dataset, tmp_path, _cfg(max_steps=1, dequantize_once=True))
+    dtypes = {w.dtype for w in load_file(result.adapter_dir / "adapter_model.safetensors").values()}
+    # TRL stores a 4-bit model's adapter in bf16; where the CPU only emulates bf16, agentpeft keeps it in fp32.
+    assert dtypes == ({torch.bfloat16} if native_bf16 else {torch.float32})

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .. import progress
 from ..errors import AgentpeftError
-from ..models import ADAPTER_META, dense_nf4_fits, load_model, load_tokenizer
+from ..models import ADAPTER_META, bf16_supported, dense_nf4_fits, load_model, load_tokenizer
 from ..recipe import TrainConfig
 
 #: Methods whose adapter can be folded into the base weights.
@@ -138,6 +138,8 @@ def train(base_dir: Path, dataset_dir: Path, out_dir: Path, cfg: TrainConfig, re
         trainer_cls = _answer_only_trainer(SFTTrainer, cfg.anchor_kl, share)
     trainer = trainer_cls(model=model, args=args, train_dataset=train_set.select_columns(columns),
                           processing_class=tokenizer)
+    if not cuda and not bf16_supported():
+        keep_trainable_fp32(model)
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(_progress_callback())
     checkpoint = _last_checkpoint(out_dir / "checkpoints") if resume else None
@@ -167,6 +169,20 @@ def train(base_dir: Path, dataset_dir: Path, out_dir: Path, cfg: TrainConfig, re
     plot_loss(history, out_dir / "loss_curve.png")
     return TrainResult(adapter_dir, trainer.state.global_step, losses[-1] if losses else None, seconds, trainable, total,
                        int(max((r.get("num_tokens", 0) for r in history), default=0)))
+
+
+def keep_trainable_fp32(model) -> None:
+    """Keep the trainable weights in fp32 where TRL made them bf16.
+
+    TRL stores a 4-bit model's adapter in bf16, as the QLoRA paper does on GPUs; a CPU without native
+    bf16 emulates bf16 matmuls about 4 times slower than fp32 (docs/performance.md), and peft runs each
+    LoRA product in its weights' dtype.
+    """
+    import torch
+
+    for param in model.parameters():
+        if param.requires_grad and param.dtype == torch.bfloat16:
+            param.data = param.data.float()
 
 
 def plot_loss(history: list[dict], path: Path) -> None:
