@@ -49,7 +49,7 @@ def attach_neurons(model, count: int):
         def forward(x, _mlp=mlp, _base=mlp.forward):
             out = _base(x)
             if enabled[0]:
-                # TRL keeps a quantized model's trainable weights in bf16, as it does LoRA's; compute as peft does.
+                # Computed in the new weights' dtype, as peft computes LoRA (bf16 where TRL keeps them so).
                 h = x.to(_mlp.new_gate.weight.dtype)
                 out = out + _mlp.new_down(_mlp.act_fn(_mlp.new_gate(h)) * _mlp.new_up(h)).to(out.dtype)
             return out
