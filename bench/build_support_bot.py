@@ -59,13 +59,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--home", help="AGENTPEFT_HOME to use (default: a new temporary folder)")
     parser.add_argument("--out", default=str(RESULTS / "build_support_bot.json"))
+    parser.add_argument("--recipe", default="support-bot",
+                        help="a recipe name or folder (a variant of support-bot's, registered as support-bot)")
     parser.add_argument("extra", nargs="*", help="extra arguments for agentpeft build")
     args = parser.parse_args()
     home = args.home or tempfile.mkdtemp(prefix="agentpeft-bench-")
     env = {**os.environ, "AGENTPEFT_HOME": home}
     agentpeft = [sys.executable, "-m", "agentpeft"]
     pull_s, _, _ = run([*agentpeft, "models", "pull", "smollm2-135m"], env)
-    build_s, peak, log = run([*agentpeft, "build", "support-bot", "--quiet", *args.extra], env)
+    build_s, peak, log = run([*agentpeft, "build", args.recipe, "--quiet", *args.extra], env)
     stages = {m.group(1): float(m.group(2)) for m in re.finditer(r"\] (\w+): .*\((\d+(?:\.\d+)?)s\)$", log, re.M)}
     manifest = json.loads(subprocess.run([*agentpeft, "show", "support-bot", "--json"], env=env,
                                          capture_output=True, text=True, check=True).stdout)
@@ -73,7 +75,7 @@ def main() -> None:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                    f"{psutil.virtual_memory().total / 2**30:.0f} GiB",
-        "command": "agentpeft build support-bot " + " ".join(args.extra),
+        "command": f"agentpeft build {args.recipe} " + " ".join(args.extra),
         "pull_seconds": round(pull_s, 1),
         "build_seconds": round(build_s, 1),
         "stage_seconds": stages,
