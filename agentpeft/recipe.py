@@ -174,14 +174,17 @@ def recipe_sources() -> dict[str, tuple[Recipe, str]]:
 
 
 def get_recipe(name: str) -> Recipe:
-    """Look a recipe up by name, or load it from a recipe file path."""
+    """Look a recipe up by name, or load it from a recipe file, or a folder holding recipe.yaml."""
     if name.endswith((".yaml", ".yml")) and Path(name).is_file():
         return Recipe.from_file(name)
+    if (Path(name) / "recipe.yaml").is_file():
+        return Recipe.from_file(Path(name) / "recipe.yaml")
     recipes = get_recipes()
     if name not in recipes:
         known = ", ".join(sorted(recipes)) or "none"
         raise AgentpeftError(
-            f"unknown recipe {name!r} (known: {known}); run `agentpeft recipes` to list them"
+            f"unknown recipe {name!r} (known: {known}); run `agentpeft recipes` to list them, "
+            "or give a recipe.yaml file or a folder that holds one"
         )
     return recipes[name]
 

@@ -39,6 +39,12 @@ def test_recipe_file_path_and_overrides(tmp_path):
     assert recipe.kb_path == tmp_path / "docs"
     assert (recipe.base_model, recipe.train.epochs, recipe.train.max_steps) == ("some/base", 2, 5)
     assert configure(str(path), kb=tmp_path).kb_path == Path(tmp_path)
+    assert get_recipe(str(tmp_path)).name == "mine"
+
+
+def test_a_folder_without_recipe_yaml_is_an_unknown_recipe(tmp_path):
+    with pytest.raises(AgentpeftError, match="unknown recipe .*folder that holds one"):
+        get_recipe(str(tmp_path))
 
 
 def test_top_level_api_has_the_cli_verbs():
