@@ -2,7 +2,8 @@
 
     python bench/seed_spread.py bench/results/build_support_bot.json bench/results/build_support_bot_seed*.json
 
-Prints one row per build (seed, held-out accuracy, forgetting-probe drop and the questions it counts),
+Prints one row per build (seed, held-out accuracy, forgetting-probe drop and the questions it counts,
+general-text perplexity),
 then the mean, the sample standard deviation and a 95% t interval for the mean of each figure, and
 writes them as JSON (--out). Builds must share everything but the seed: the script compares the rest of
 the command lines and refuses a mix unless --allow-mixed says that the flags of some builds equal
@@ -59,19 +60,20 @@ def main() -> None:
             "held_out_accuracy": result["metrics"]["tuned"]["accuracy"] * 100,
             "probe_drop_points": 100 * lost / forgetting["n"],
             "probe_questions_lost": lost,
+            "general_text_perplexity": forgetting["tuned_perplexity"],
             "build_seconds": result["build_seconds"],
         })
     if len(commands) > 1 and not args.allow_mixed:
         raise SystemExit(f"these builds differ in more than the seed: {sorted(commands)}")
     builds.sort(key=lambda b: b["seed"])
-    print(f"{'seed':>5} {'held-out %':>11} {'probe drop':>11} {'lost':>5}  file")
+    print(f"{'seed':>5} {'held-out %':>11} {'probe drop':>11} {'lost':>5} {'perplexity':>11}  file")
     for b in builds:
         print(f"{b['seed']:>5} {b['held_out_accuracy']:>11.1f} {b['probe_drop_points']:>11.1f} "
-              f"{b['probe_questions_lost']:>5}  {b['file']}")
+              f"{b['probe_questions_lost']:>5} {b['general_text_perplexity']:>11.1f}  {b['file']}")
     summary = {"commands": sorted(commands), "builds": builds,
                **{key: spread([b[key] for b in builds])
-                  for key in ("held_out_accuracy", "probe_drop_points", "build_seconds")}}
-    for key in ("held_out_accuracy", "probe_drop_points"):
+                  for key in ("held_out_accuracy", "probe_drop_points", "general_text_perplexity", "build_seconds")}}
+    for key in ("held_out_accuracy", "probe_drop_points", "general_text_perplexity"):
         s = summary[key]
         interval = f", 95% interval of the mean {s['ci95'][0]:.1f} to {s['ci95'][1]:.1f}" if s["ci95"] else ""
         sd = f", sd {s['sd']:.1f}" if s["sd"] is not None else ""

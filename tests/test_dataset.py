@@ -436,8 +436,10 @@ def test_data_command_writes_dataset_card_and_previews(tmp_path, tiny_base, home
     card = json.loads((out / "dataset_card.json").read_text())
     assert set(card["per_source"]) == {"about.md", "faq.md", "policies.md", "products.md", "tickets.jsonl",
                                        "agentpeft:general_qa.jsonl"}
-    assert card["per_source"]["agentpeft:general_qa.jsonl"] == {"documents": 0, "facts": 0, "train_only": 128}
-    assert card["train_only"] == 128 and card["splits"]["train"] == 2 * card["facts"] + 128
+    # The recipe asks for all 202 general pairs; dedup drops two near-duplicates of other pairs.
+    assert card["per_source"]["agentpeft:general_qa.jsonl"] == {"documents": 0, "facts": 0, "train_only": 200}
+    assert card["notes"]["near_duplicates_removed"] == 2
+    assert card["train_only"] == 200 and card["splits"]["train"] == 2 * card["facts"] + 200
     assert sum(s["facts"] for s in card["per_source"].values()) == card["facts"]
     assert card["splits"]["eval"] == card["facts"] and "grouped by fact" in card["split_method"]
     assert sum(card["token_histogram"]["counts"]) == card["splits"]["train"] + card["splits"]["eval"]
