@@ -175,10 +175,9 @@ def recipe_sources() -> dict[str, tuple[Recipe, str]]:
 
 def get_recipe(name: str) -> Recipe:
     """Look a recipe up by name, or load it from a recipe file, or a folder holding recipe.yaml."""
-    if name.endswith((".yaml", ".yml")) and Path(name).is_file():
-        return Recipe.from_file(name)
-    if (Path(name) / "recipe.yaml").is_file():
-        return Recipe.from_file(Path(name) / "recipe.yaml")
+    path = Path(name) / "recipe.yaml" if Path(name).is_dir() else Path(name)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return Recipe.from_file(path)
     recipes = get_recipes()
     if name not in recipes:
         known = ", ".join(sorted(recipes)) or "none"

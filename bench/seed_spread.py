@@ -1,10 +1,9 @@
 """Summarize `bench/build_support_bot.py` results over training seeds: how far a figure moves by seed.
 
-    python bench/seed_spread.py bench/results/build_support_bot.json bench/results/build_support_bot_seed*.json
+    python bench/seed_spread.py bench/results/build_support_bot_general202*.json
 
 Prints one row per build (seed, held-out accuracy, forgetting-probe drop and the questions it counts,
-general-text perplexity),
-then the mean, the sample standard deviation and a 95% t interval for the mean of each figure, and
+general-text perplexity), then the mean, the sample standard deviation and a 95% t interval for the mean of each figure, and
 writes them as JSON (--out). Builds must share everything but the seed: the script compares the rest of
 the command lines and refuses a mix unless --allow-mixed says that the flags of some builds equal
 another's recipe defaults (the summary then lists every command).
@@ -20,7 +19,9 @@ from pathlib import Path
 
 from scipy import stats
 
-DEFAULT_SEED = 42  # TrainConfig.seed, used where the command gives no --seed
+from agentpeft.recipe import TrainConfig
+
+DEFAULT_SEED = TrainConfig.model_fields["seed"].default  # a build without --seed trains with it
 
 
 def seed_of(command: str) -> tuple[int, str]:
