@@ -166,12 +166,21 @@ def test_anchor_kl_scores_general_rows_against_the_adapter_free_model(tiny_base,
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in moved.named_parameters() if "lora_" in n)
     # Twice the weight, twice the loss.
     torch.testing.assert_close(loss_of(moved, general, 2.0)[0], 2 * kl.detach(), rtol=1e-4, atol=1e-6)
+    # The base's targets are the same whether the rows' shared prompt prefix is computed once or per row.
+    generals = rows.filter(lambda r: r["train_only"]).select(range(4)).select_columns(columns)
+    targets = [_answer_only_trainer(SFTTrainer, 1.0, share)(model=moved, args=args, train_dataset=generals,
+                                                            processing_class=tokenizer)._base_logp
+               for share in (True, False)]
+    assert targets[0].keys() == targets[1].keys() and len(targets[0]) == 4
+    for row in targets[0]:
+        torch.testing.assert_close(targets[0][row][1], targets[1][row][1], rtol=1e-4, atol=1e-5)
     # The train stage wires it up: general rows carry their anchor index through the collator.
     result = train(tiny_base, data, tmp_path / "trained", _cfg(anchor_kl=1.0, max_steps=2))
     assert result.steps == 2 and result.final_loss is not None
 
 
-def test_shared_prefix_forward_equals_the_full_forward(tiny_base):
+@pytest.mark.parametrize("attention,packed", [("sdpa", None), ("eager", None), ("sdpa", False)])
+def test_shared_prefix_forward_equals_the_full_forward(tiny_base, attention, packed):
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -191,18 +200,20 @@ def test_shared_prefix_forward_equals_the_full_forward(tiny_base):
                                                               init_lora_weights=False, task_type="CAUSAL_LM"))
     model.train()
     trunk = model.get_base_model().model
+    trunk.config._attn_implementation = attention
     params = [p for p in model.parameters() if p.requires_grad]
     weights = torch.randn(*enc["input_ids"].shape, trunk.config.hidden_size) * enc["attention_mask"][..., None]
     calls = []
     hook = trunk.register_forward_pre_hook(lambda mod, args, kwargs: calls.append(kwargs["input_ids"].shape),
                                            with_kwargs=True)
     full = trunk(**enc, use_cache=False).last_hidden_state
-    shared = shared_prefix_hidden(trunk, enc["input_ids"], enc["attention_mask"])
+    shared = shared_prefix_hidden(trunk, enc["input_ids"], enc["attention_mask"], packed=packed)
     hook.remove()
-    # One call for the full batch; then the system-prompt group and the plain-chat group run a prefix and
-    # their tails, and the row that shares nothing runs alone.
-    assert len(calls) == 1 + 2 + 2 + 1
+    # One call for the full batch; then the system-prompt group runs its prefix and its three tails (packed
+    # into one row without padding, or as padded rows), and the three rows that share too little run alone.
+    assert len(calls) == 1 + 2 + 3
     real = enc["attention_mask"].bool()
+    assert sorted(shape[0] for shape in calls[1:]) == ([1] * 5 if packed is None else [1, 1, 1, 1, 3])
     torch.testing.assert_close(shared[real], full[real], rtol=1e-4, atol=1e-5)
     for ours, reference in zip(torch.autograd.grad((shared * weights).sum(), params),
                                torch.autograd.grad((full * weights).sum(), params)):

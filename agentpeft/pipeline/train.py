@@ -261,7 +261,10 @@ def _answer_only_trainer(base_cls, anchor_kl: float = 0.0, share_prefix: bool = 
                     batch = self.data_collator.inner([{k: v for k, v in r.items() if k != "anchor"} for r in chunk])
                     batch = {k: v.to(self.model.device) for k, v in batch.items()}
                     mask = batch.pop("labels")[:, 1:] != -100
-                    hidden = trunk(**batch, use_cache=False).last_hidden_state[:, :-1]
+                    if share_prefix and set(batch) == {"input_ids", "attention_mask"}:
+                        hidden = shared_prefix_hidden(trunk, batch["input_ids"], batch["attention_mask"])[:, :-1]
+                    else:
+                        hidden = trunk(**batch, use_cache=False).last_hidden_state[:, :-1]
                     for row, h, m in zip(chunk, hidden, mask):
                         logp, ids = head(h[m]).float().log_softmax(-1).topk(top, dim=-1)
                         out[row["anchor"]] = (ids, logp)
@@ -317,18 +320,23 @@ def _answer_only_trainer(base_cls, anchor_kl: float = 0.0, share_prefix: bool = 
     return AnswerOnlyLossTrainer
 
 
-def shared_prefix_hidden(trunk, input_ids, attention_mask, min_prefix: int = 8):
+def shared_prefix_hidden(trunk, input_ids, attention_mask, min_prefix: int = 8, packed: bool | None = None):
     """``trunk(input_ids, attention_mask).last_hidden_state`` with the prompt prefix that rows share computed once.
 
     Rows of a right-padded batch are grouped by their common leading tokens (a recipe's system prompt
-    and the chat template around it are identical in every row); each group runs that prefix once,
-    repeats its key/value cache, and runs only the rows' remaining tokens on top. Causal attention makes
-    the result the same as the full forward (tests/test_train.py checks hidden states and gradients).
+    and the chat template around it are identical in every row); each group runs that prefix once and
+    then its rows' remaining tokens on top of the prefix's key/value cache: packed into one sequence
+    without padding where the attention implementation takes a custom mask (each tail sees the prefix
+    and itself only), else as padded rows over a repeated cache. Causal attention makes the result the
+    same as the full forward on every real token (tests/test_train.py checks hidden states and
+    gradients; padding positions hold no meaningful values). ``packed`` None chooses by the implementation.
     """
     import torch
 
     # transformers 5.24 renamed past_key_values to cache.
     cache_name = "cache" if "cache" in inspect.signature(trunk.forward).parameters else "past_key_values"
+    if packed is None:
+        packed = trunk.config._attn_implementation in ("sdpa", "eager")
     lengths = attention_mask.sum(1).tolist()
     ids = input_ids.tolist()
     groups: list[list] = []  # [rows, length of the prefix they share]
@@ -343,17 +351,29 @@ def shared_prefix_hidden(trunk, input_ids, attention_mask, min_prefix: int = 8):
                 break
         else:
             groups.append([[row], n - 1])
+    width = input_ids.size(1)
     parts, order = [], []
     for rows, shared in groups:
         index = torch.tensor(rows, device=input_ids.device)
         if len(rows) == 1 or shared < min_prefix:
             parts.append(trunk(input_ids=input_ids[index], attention_mask=attention_mask[index],
                                use_cache=False).last_hidden_state)
+        elif packed:
+            prefix = trunk(input_ids=input_ids[index[:1], :shared], use_cache=True)
+            tails = [int(lengths[r]) - shared for r in rows]
+            tokens = torch.cat([input_ids[r, shared:shared + t] for r, t in zip(rows, tails)])[None]
+            positions = torch.cat([torch.arange(shared, shared + t, device=input_ids.device) for t in tails])[None]
+            mask = _packed_tail_mask(shared, tails, prefix.last_hidden_state.dtype, input_ids.device,
+                                     trunk.config._attn_implementation)
+            hidden = trunk(input_ids=tokens, attention_mask=mask, position_ids=positions,
+                           **{cache_name: prefix[cache_name]}, use_cache=True).last_hidden_state[0]
+            tail = torch.nn.utils.rnn.pad_sequence(list(hidden.split(tails)), batch_first=True)
+            tail = torch.nn.functional.pad(tail, (0, 0, 0, width - shared - tail.size(1)))
+            parts.append(torch.cat([prefix.last_hidden_state.expand(len(rows), -1, -1), tail], dim=1))
         else:
             prefix = trunk(input_ids=input_ids[index[:1], :shared], use_cache=True)
             cache = prefix[cache_name]
             cache.batch_repeat_interleave(len(rows))
-            width = input_ids.size(1)
             tail = trunk(input_ids=input_ids[index, shared:], attention_mask=attention_mask[index], **{cache_name: cache},
                          position_ids=torch.arange(shared, width, device=input_ids.device).expand(len(rows), -1),
                          use_cache=True).last_hidden_state
@@ -361,6 +381,20 @@ def shared_prefix_hidden(trunk, input_ids, attention_mask, min_prefix: int = 8):
         order += rows
     hidden = torch.cat(parts)
     return hidden[torch.argsort(torch.tensor(order, device=hidden.device))]
+
+
+def _packed_tail_mask(prefix: int, tails: list[int], dtype, device, implementation: str):
+    """The 4D attention mask of tails packed into one sequence after a cached prefix: each tail token
+    sees the whole prefix and the tokens of its own tail up to itself. Boolean for SDPA, additive for eager."""
+    import torch
+
+    segment = torch.repeat_interleave(torch.arange(len(tails), device=device), torch.tensor(tails, device=device))
+    causal = torch.ones(len(segment), len(segment), dtype=torch.bool, device=device).tril()
+    allowed = torch.cat([torch.ones(len(segment), prefix, dtype=torch.bool, device=device),
+                         causal & (segment[:, None] == segment[None, :])], dim=1)[None, None]
+    if implementation == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 def with_anchor_column(rows):
