@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from .errors import AgentpeftError, PickleRefusedError
 
@@ -357,24 +358,68 @@ def chat_prompt(system_prompt: str | None, question: str) -> list[dict]:
 GENERATE_BATCH = 64
 
 
-def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 64,
-             batch_size: int = GENERATE_BATCH, progress=None) -> list[str]:
-    """Greedy replies to chat prompts, generated in left-padded batches of similar length."""
-    import torch
+def cache_argument(model) -> str:
+    """The keyword under which ``model``'s forward takes a key/value cache (transformers 5.24 renamed
+    ``past_key_values`` to ``cache``)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
-    tokenizer.padding_side = "left"
-    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+
+def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 64,
+             batch_size: int = GENERATE_BATCH, progress=None,
+             settled: Callable[[int, str], bool] | None = None) -> list[str]:
+    """Greedy replies to chat prompts, generated in batches of similar length.
+
+    The prompt prefix that a batch's rows share (a system prompt, the chat template) runs once and its
+    key/value cache is repeated for every row, whose own tokens follow it, left-padded: the same replies as
+    padding whole prompts (tests/test_models.py). ``settled(i, reply)`` may end prompt ``i``'s reply early:
+    once it returns True the row stops, its reply cut there.
+    """
+    import torch
+    from transformers import StoppingCriteriaList
+
+    config = getattr(model, "active_peft_config", None)
+    share = not getattr(config, "is_prompt_learning", False)  # prefix/prompt tuning keep their own cache
+    ids = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in ids]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    pad = tokenizer.pad_token_id
     out: dict[int, str] = {}
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
-        enc = {k: v.to(model.device) for k, v in enc.items()}
+        rows = [ids[i] for i in idx]
+        limit = min(map(len, rows)) - 1  # every row keeps at least one token of its own
+        shared = next((k for k in range(limit) if any(r[k] != rows[0][k] for r in rows)), limit) if share else 0
+        width = max(map(len, rows)) - shared
+        tokens = torch.tensor([rows[0][:shared] + [pad] * (width + shared - len(r)) + r[shared:] for r in rows],
+                              device=model.device)
+        mask = torch.tensor([[1] * shared + [0] * (width + shared - len(r)) + [1] * (len(r) - shared) for r in rows],
+                            device=model.device)
+        extra = {}
+        if settled:
+            extra["stopping_criteria"] = StoppingCriteriaList([_Settled(settled, idx, tokens.size(1), tokenizer)])
         with torch.inference_mode():
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
-        for i, row in zip(idx, gen[:, enc["input_ids"].shape[1]:]):
+            if shared >= 8 and len(rows) > 1:
+                cache = getattr(model(input_ids=tokens[:1, :shared], use_cache=True), cache_argument(model))
+                cache.batch_repeat_interleave(len(rows))
+                extra[cache_argument(model)] = cache
+            gen = model.generate(input_ids=tokens, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=pad, **extra)
+        for i, row in zip(idx, gen[:, tokens.size(1):]):
             out[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
         if progress:
             progress(len(idx))
-    return [out[i] for i in range(len(texts))]
+    return [out[i] for i in range(len(ids))]
+
+
+class _Settled:
+    """Stopping criteria: a row ends once ``settled(prompt index, reply so far)`` says its reply is decided."""
+
+    def __init__(self, settled, indices: list[int], prompt_width: int, tokenizer):
+        self.settled, self.indices, self.width, self.tokenizer = settled, indices, prompt_width, tokenizer
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        replies = self.tokenizer.batch_decode(input_ids[:, self.width:], skip_special_tokens=True)
+        return torch.tensor([self.settled(i, reply.strip()) for i, reply in zip(self.indices, replies)],
+                            device=input_ids.device)

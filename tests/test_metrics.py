@@ -88,3 +88,35 @@ def test_accuracy_key_alternatives():
     refs = [{"answer": "Four.", "key": "4|four"}, {"answer": "USA", "key": "United States|USA"}]
     assert answer_accuracy(["It has four legs.", "The U.S.A."], refs) == 0.5
     assert answer_accuracy(["4", "the United States"], refs) == 1.0
+
+
+def test_accuracy_is_settled_once_the_key_is_followed_by_more_text():
+    from agentpeft.default_plugins.metrics import accuracy_settled, answer_accuracy
+
+    ref = {"question": "Capital of Japan?", "answer": "Tokyo", "key": "Tokyo|Edo"}
+    assert not accuracy_settled("The capital is", ref)
+    # A key at the very end could still grow ("Tokyoites"): not settled yet, though it scores now.
+    assert not accuracy_settled("The capital is Tokyo.", ref) and answer_accuracy(["The capital is Tokyo."], [ref]) == 1
+    assert accuracy_settled("The capital is Tokyo. It", ref) and accuracy_settled("Edo, once", ref)
+    for grown in ("The capital is Tokyoites", "The capital is Tokyo. It is large"):
+        assert answer_accuracy([grown], [ref]) == (1.0 if accuracy_settled(grown, ref) else 0.0)
+
+
+def test_probe_scoring_stops_replies_once_every_metric_is_settled(tiny_base, monkeypatch):
+    from agentpeft.models import load_model, load_tokenizer
+    from agentpeft.pipeline import evaluate as stage
+
+    seen = {}
+
+    def fake_generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress, settled=None):
+        seen["settled"] = settled
+        return ["Paris is the capital of France"] * len(prompts)
+
+    monkeypatch.setattr(stage, "generate", fake_generate)
+    rows = stage.chat_rows([{"question": "Capital of France?", "answer": "Paris", "key": "Paris"}], None)
+    model, tokenizer = load_model(tiny_base), load_tokenizer(tiny_base)
+    assert stage.score_model(model, tokenizer, rows, ["accuracy"])[0] == {"accuracy": 1.0}
+    assert seen["settled"](0, "Paris is") and not seen["settled"](0, "Lyon is")
+    # ROUGE-L reads the whole reply: with it, every reply runs to its end.
+    stage.score_model(model, tokenizer, rows, ["accuracy", "rouge_l"])
+    assert seen["settled"] is None

@@ -22,17 +22,24 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
+def _holds_key(reply: str, reference: dict, closed: bool = True) -> bool:
+    keys = [normalize(k) for k in (reference.get("key") or reference["answer"]).split("|")]
+    text = f" {normalize(reply)}" + (" " if closed else "")
+    return any(k and f" {k} " in text for k in keys)
+
+
 def answer_accuracy(predictions: list[str], references: list[dict]) -> float:
     """Share of replies that contain the normalized key fact (the normalized answer without a key).
 
     A key may list alternatives separated by ``|`` (``4|four``); any one of them counts.
     """
-    hits = []
-    for pred, ref in zip(predictions, references):
-        keys = [normalize(k) for k in (ref.get("key") or ref["answer"]).split("|")]
-        reply = f" {normalize(pred)} "
-        hits.append(1.0 if any(k and f" {k} " in reply for k in keys) else 0.0)
-    return _mean(hits)
+    return _mean([1.0 if _holds_key(pred, ref) else 0.0 for pred, ref in zip(predictions, references)])
+
+
+def accuracy_settled(reply: str, reference: dict) -> bool:
+    """A reply that holds its key with a word after it: more tokens cannot undo the hit (a key at the very
+    end could still grow into a longer word)."""
+    return _holds_key(reply, reference, closed=False)
 
 
 def exact_match(predictions: list[str], references: list[dict]) -> float:
@@ -74,7 +81,7 @@ def chrf(predictions: list[str], references: list[dict]) -> float:
 
 @hookimpl
 def register_metrics(register):
-    register(Metric("accuracy", answer_accuracy))
+    register(Metric("accuracy", answer_accuracy, settled=accuracy_settled))
     register(Metric("exact_match", exact_match))
     register(Metric("token_f1", token_f1))
     register(Metric("rouge_l", rouge_l))

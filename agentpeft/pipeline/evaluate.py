@@ -30,6 +30,9 @@ class Metric:
     score: Callable[[list[str], list[dict]], float] | None = None
     model_score: Callable[..., float] | None = None
     higher_is_better: bool = True
+    #: ``settled(reply, reference)``: True once more tokens can no longer change the reply's score, so
+    #: that generation may stop there (used when every metric asked for has one).
+    settled: Callable[[str, dict], bool] | None = None
 
 
 def get_metrics() -> dict[str, Metric]:
@@ -123,7 +126,9 @@ def score_model(model, tokenizer, rows: list[dict], metric_names: list[str], max
                 batch_size: int = GENERATE_BATCH, progress=None) -> tuple[dict[str, float], list[str]]:
     """Generate replies to ``rows`` and compute each named metric; returns (figures, replies)."""
     metrics = _metrics(metric_names)
-    replies = generate(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens, batch_size, progress)
+    stop = metrics and all(m.settled for m in metrics)
+    replies = generate(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens, batch_size, progress,
+                       (lambda i, reply: all(m.settled(reply, rows[i]) for m in metrics)) if stop else None)
     figures = {}
     for metric in metrics:
         value = metric.score(replies, rows) if metric.score else metric.model_score(model, tokenizer, rows)

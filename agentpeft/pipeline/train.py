@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import inspect
 import json
 import math
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 
 from .. import progress
 from ..errors import AgentpeftError
-from ..models import ADAPTER_META, bf16_supported, dense_nf4_fits, load_model, load_tokenizer
+from ..models import ADAPTER_META, bf16_supported, cache_argument, dense_nf4_fits, load_model, load_tokenizer
 from ..recipe import TrainConfig
 
 #: Methods whose adapter can be folded into the base weights.
@@ -333,8 +332,7 @@ def shared_prefix_hidden(trunk, input_ids, attention_mask, min_prefix: int = 8, 
     """
     import torch
 
-    # transformers 5.24 renamed past_key_values to cache.
-    cache_name = "cache" if "cache" in inspect.signature(trunk.forward).parameters else "past_key_values"
+    cache_name = cache_argument(trunk)
     if packed is None:
         packed = trunk.config._attn_implementation in ("sdpa", "eager")
     lengths = attention_mask.sum(1).tolist()

@@ -1,0 +1,71 @@
+"""Batched greedy generation (agentpeft.models.generate) on a tiny random model."""
+
+from __future__ import annotations
+
+import pytest
+
+from agentpeft.models import chat_prompt, generate, load_model, load_tokenizer
+
+SYSTEM = "You answer questions about the Halcyon Desk Lamp briefly and politely."
+QUESTIONS = ["What is its price?", "Hi", "Does it dim when the room gets dark at night?", "Warranty?",
+             "How many watts does the bulb draw?"]
+
+
+def _model(tiny_base):
+    """The tiny base with its weights stirred: as saved, its tied embeddings make it repeat a special token."""
+    import torch
+
+    torch.manual_seed(0)
+    model = load_model(tiny_base)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param))
+    return model, load_tokenizer(tiny_base)
+
+
+def _padded_whole_prompts(model, tokenizer, prompts, max_new_tokens):
+    """The reference: every prompt left-padded whole, one `generate` call, no shared cache."""
+    import torch
+
+    tokenizer.padding_side = "left"
+    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.inference_mode():
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in out[:, enc["input_ids"].shape[1]:]]
+
+
+@pytest.mark.parametrize("system", [SYSTEM, None])
+def test_shared_prefix_generation_gives_the_replies_of_whole_padded_prompts(tiny_base, system):
+    model, tokenizer = _model(tiny_base)
+    prompts = [chat_prompt(system, q) for q in QUESTIONS]
+    calls = []
+    hook = model.model.register_forward_pre_hook(lambda mod, args, kwargs: calls.append(kwargs["input_ids"].shape),
+                                                 with_kwargs=True)
+    ours = generate(model, tokenizer, prompts, max_new_tokens=12, batch_size=len(prompts))
+    hook.remove()
+    assert ours == _padded_whole_prompts(model, tokenizer, prompts, 12)
+    assert all(ours)
+    # With the system prompt, the shared prefix ran once, alone (a batch of one row), before the batch.
+    assert (calls[0][0] == 1) == (system is not None)
+
+
+def test_settled_rows_stop_early_and_keep_their_reply_so_far(tiny_base):
+    model, tokenizer = _model(tiny_base)
+    prompts = [chat_prompt(SYSTEM, q) for q in QUESTIONS]
+    full = generate(model, tokenizer, prompts, max_new_tokens=12)
+    seen = []
+
+    def settled(i, reply):
+        seen.append(i)
+        return i % 2 == 0 and len(reply) >= 3
+
+    cut = generate(model, tokenizer, prompts, max_new_tokens=12, settled=settled)
+    assert set(seen) == set(range(len(prompts)))
+    for i, (short, whole) in enumerate(zip(cut, full)):
+        if i % 2:
+            assert short == whole
+        else:
+            assert whole.startswith(short) and len(short) >= 3
+    assert any(len(short) < len(whole) for short, whole in zip(cut, full))
