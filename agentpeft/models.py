@@ -366,19 +366,19 @@ def cache_argument(model) -> str:
 
 def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 64,
              batch_size: int = GENERATE_BATCH, progress=None,
-             settled: Callable[[int, str], bool] | None = None) -> list[str]:
+             settled: Callable[[int, str], bool] | None = None, share_prefix: bool = True) -> list[str]:
     """Greedy replies to chat prompts, generated in batches of similar length.
 
     The prompt prefix that a batch's rows share (a system prompt, the chat template) runs once and its
     key/value cache is repeated for every row, whose own tokens follow it, left-padded: the same replies as
     padding whole prompts (tests/test_models.py). ``settled(i, reply)`` may end prompt ``i``'s reply early:
-    once it returns True the row stops, its reply cut there.
+    once it returns True the row stops, its reply cut there. ``share_prefix=False`` pads whole prompts.
     """
     import torch
     from transformers import StoppingCriteriaList
 
     config = getattr(model, "active_peft_config", None)
-    share = not getattr(config, "is_prompt_learning", False)  # prefix/prompt tuning keep their own cache
+    share = share_prefix and not getattr(config, "is_prompt_learning", False)  # prompt learning has its own cache
     ids = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
     ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in ids]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
