@@ -389,19 +389,20 @@ def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 
         rows = [ids[i] for i in idx]
         limit = min(map(len, rows)) - 1  # every row keeps at least one token of its own
         shared = next((k for k in range(limit) if any(r[k] != rows[0][k] for r in rows)), limit) if share else 0
-        width = max(map(len, rows)) - shared
-        tokens = torch.tensor([rows[0][:shared] + [pad] * (width + shared - len(r)) + r[shared:] for r in rows],
+        pads = [max(map(len, rows)) - len(r) for r in rows]  # between the shared prefix and each row's own tokens
+        tokens = torch.tensor([rows[0][:shared] + [pad] * n + r[shared:] for r, n in zip(rows, pads)],
                               device=model.device)
-        mask = torch.tensor([[1] * shared + [0] * (width + shared - len(r)) + [1] * (len(r) - shared) for r in rows],
+        mask = torch.tensor([[1] * shared + [0] * n + [1] * (len(r) - shared) for r, n in zip(rows, pads)],
                             device=model.device)
         extra = {}
         if settled:
             extra["stopping_criteria"] = StoppingCriteriaList([_Settled(settled, idx, tokens.size(1), tokenizer)])
         with torch.inference_mode():
             if shared >= 8 and len(rows) > 1:
-                cache = getattr(model(input_ids=tokens[:1, :shared], use_cache=True), cache_argument(model))
+                name = cache_argument(model)
+                cache = getattr(model(input_ids=tokens[:1, :shared], use_cache=True), name)
                 cache.batch_repeat_interleave(len(rows))
-                extra[cache_argument(model)] = cache
+                extra[name] = cache
             gen = model.generate(input_ids=tokens, attention_mask=mask, max_new_tokens=max_new_tokens,
                                  do_sample=False, pad_token_id=pad, **extra)
         for i, row in zip(idx, gen[:, tokens.size(1):]):

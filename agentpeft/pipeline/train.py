@@ -356,25 +356,24 @@ def shared_prefix_hidden(trunk, input_ids, attention_mask, min_prefix: int = 8, 
         if len(rows) == 1 or shared < min_prefix:
             parts.append(trunk(input_ids=input_ids[index], attention_mask=attention_mask[index],
                                use_cache=False).last_hidden_state)
-        elif packed:
-            prefix = trunk(input_ids=input_ids[index[:1], :shared], use_cache=True)
-            tails = [int(lengths[r]) - shared for r in rows]
-            tokens = torch.cat([input_ids[r, shared:shared + t] for r, t in zip(rows, tails)])[None]
-            positions = torch.cat([torch.arange(shared, shared + t, device=input_ids.device) for t in tails])[None]
-            mask = _packed_tail_mask(shared, tails, prefix.last_hidden_state.dtype, input_ids.device,
-                                     trunk.config._attn_implementation)
-            hidden = trunk(input_ids=tokens, attention_mask=mask, position_ids=positions,
-                           **{cache_name: prefix[cache_name]}, use_cache=True).last_hidden_state[0]
-            tail = torch.nn.utils.rnn.pad_sequence(list(hidden.split(tails)), batch_first=True)
-            tail = torch.nn.functional.pad(tail, (0, 0, 0, width - shared - tail.size(1)))
-            parts.append(torch.cat([prefix.last_hidden_state.expand(len(rows), -1, -1), tail], dim=1))
         else:
             prefix = trunk(input_ids=input_ids[index[:1], :shared], use_cache=True)
             cache = prefix[cache_name]
-            cache.batch_repeat_interleave(len(rows))
-            tail = trunk(input_ids=input_ids[index, shared:], attention_mask=attention_mask[index], **{cache_name: cache},
-                         position_ids=torch.arange(shared, width, device=input_ids.device).expand(len(rows), -1),
-                         use_cache=True).last_hidden_state
+            if packed:
+                tails = [int(lengths[r]) - shared for r in rows]
+                tokens = torch.cat([input_ids[r, shared:shared + t] for r, t in zip(rows, tails)])[None]
+                positions = torch.cat([torch.arange(shared, shared + t, device=input_ids.device) for t in tails])[None]
+                mask = _packed_tail_mask(shared, tails, prefix.last_hidden_state.dtype, input_ids.device,
+                                         trunk.config._attn_implementation)
+                hidden = trunk(input_ids=tokens, attention_mask=mask, position_ids=positions, **{cache_name: cache},
+                               use_cache=True).last_hidden_state[0]
+                tail = torch.nn.utils.rnn.pad_sequence(list(hidden.split(tails)), batch_first=True)
+                tail = torch.nn.functional.pad(tail, (0, 0, 0, width - shared - tail.size(1)))
+            else:
+                cache.batch_repeat_interleave(len(rows))
+                tail = trunk(input_ids=input_ids[index, shared:], attention_mask=attention_mask[index],
+                             position_ids=torch.arange(shared, width, device=input_ids.device).expand(len(rows), -1),
+                             **{cache_name: cache}, use_cache=True).last_hidden_state
             parts.append(torch.cat([prefix.last_hidden_state.expand(len(rows), -1, -1), tail], dim=1))
         order += rows
     hidden = torch.cat(parts)
