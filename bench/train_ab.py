@@ -1,10 +1,11 @@
 """Benchmark: two variants of the support-bot train stage, alternately (A B, B A, ...), same steps and data.
 
-A variant is ``NAME=JSON``: train-config fields (``{"dequantize_once": false}``) plus two code switches
+A variant is ``NAME=JSON``: train-config fields (``{"dequantize_once": false}``) plus three code switches
 for changes that have no config field: ``"packed_tails": false`` runs the shared-prefix tails as padded
 rows over a repeated cache (before session 9), ``"fp32_adapter": false`` leaves the QLoRA adapter in
-TRL's bf16 (before session 7). Each run records seconds, tokens/s and its losses; equal losses mean the
-two variants compute the same training. Writes ``bench/results/train_ab.json`` (or ``--out``).
+TRL's bf16 (before session 7), ``"native_bf16": false`` computes in fp32 as on a CPU without native
+bf16. Each run records seconds, tokens/s and its losses; equal losses mean the two variants compute the
+same training. Writes ``bench/results/train_ab.json`` (or ``--out``).
 
     AGENTPEFT_HOME=/tmp/H python bench/train_ab.py --dataset $BUILD/data/dataset --steps 40 --rounds 3 \\
         --a 'packed={}' --b 'padded={"packed_tails": false}'
@@ -24,7 +25,7 @@ from pathlib import Path
 import psutil
 
 RESULTS = Path(__file__).parent / "results"
-SWITCHES = ("packed_tails", "fp32_adapter")
+SWITCHES = ("packed_tails", "fp32_adapter", "native_bf16")
 
 
 def variant(text: str) -> tuple[str, dict]:
@@ -38,9 +39,12 @@ def variant(text: str) -> tuple[str, dict]:
 @contextlib.contextmanager
 def switched(settings: dict):
     """The train stage with the code switches of ``settings`` applied."""
+    from agentpeft import models
     from agentpeft.pipeline import train as stage
 
-    saved = stage.shared_prefix_hidden, stage.keep_trainable_fp32
+    saved = stage.shared_prefix_hidden, stage.keep_trainable_fp32, models.bf16_supported
+    if settings.get("native_bf16") is False:
+        models.bf16_supported = lambda: False
     if settings.get("packed_tails") is False:
         stage.shared_prefix_hidden = functools.partial(stage.shared_prefix_hidden, packed=False)
     if settings.get("fp32_adapter") is False:
@@ -48,7 +52,7 @@ def switched(settings: dict):
     try:
         yield stage
     finally:
-        stage.shared_prefix_hidden, stage.keep_trainable_fp32 = saved
+        stage.shared_prefix_hidden, stage.keep_trainable_fp32, models.bf16_supported = saved
 
 
 def run(base: Path, dataset: Path, recipe: str, steps: int, name: str, settings: dict, work: Path) -> dict:

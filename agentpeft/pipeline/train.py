@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .. import progress
 from ..errors import AgentpeftError
-from ..models import ADAPTER_META, bf16_supported, cache_argument, dense_nf4_fits, load_model, load_tokenizer
+from ..models import ADAPTER_META, cache_argument, compute_dtype, dense_nf4_fits, load_model, load_tokenizer
 from ..recipe import TrainConfig
 
 #: Methods whose adapter can be folded into the base weights.
@@ -84,8 +84,9 @@ def train(base_dir: Path, dataset_dir: Path, out_dir: Path, cfg: TrainConfig, re
     quantized = cfg.method == "qlora"
     dense = quantized and (dense_nf4_fits(base_dir) if cfg.dequantize_once is None else cfg.dequantize_once)
     if dense:
-        log("qlora: training on the NF4 weights dequantized once to fp32 (dequantize_once)")
-    model = load_model(base_dir, quantized=quantized and not dense, dequantized=dense)
+        log(f"qlora: training on the NF4 weights dequantized once to {str(compute_dtype()).partition('.')[2]} "
+            "(dequantize_once)")
+    model = load_model(base_dir, quantized=quantized and not dense, dequantized=dense, dtype=compute_dtype())
     if quantized and not dense:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     elif cfg.gradient_checkpointing:
@@ -137,7 +138,7 @@ def train(base_dir: Path, dataset_dir: Path, out_dir: Path, cfg: TrainConfig, re
         trainer_cls = _answer_only_trainer(SFTTrainer, cfg.anchor_kl, share)
     trainer = trainer_cls(model=model, args=args, train_dataset=train_set.select_columns(columns),
                           processing_class=tokenizer)
-    if not cuda and not bf16_supported():
+    if not cuda:
         keep_trainable_fp32(model)
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(_progress_callback())
