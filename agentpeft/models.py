@@ -206,17 +206,20 @@ def parameter_count(folder: Path | str) -> int | None:
 
 
 def dense_nf4_fits(folder: Path | str) -> bool:
-    """Whether to keep a QLoRA base dequantized during training: on a CPU, where bitsandbytes
-    dequantizes NF4 to the compute dtype for every matmul anyway, when that copy (fp32, or bf16 where
-    the CPU has it natively) takes under a quarter of the available memory."""
+    """Whether to train a QLoRA adapter on the NF4 weights dequantized once to fp32: on a CPU, when that
+    copy takes under a quarter of the available memory.
+
+    Without native bf16, bitsandbytes dequantizes to fp32 for every matmul anyway (the same numbers,
+    faster). With it, fp32 matmuls are slower than bf16 ones, but a bf16 copy forgot more at two seeds
+    (docs/performance.md), and fp32 gives the same adapter on either kind of CPU.
+    """
     import psutil
     import torch
 
     if torch.cuda.is_available():
         return False
     count = parameter_count(folder)
-    width = compute_dtype().itemsize
-    return count is not None and width * count < psutil.virtual_memory().available / 4
+    return count is not None and 4 * count < psutil.virtual_memory().available / 4
 
 
 def base_info(folder: Path) -> dict:
@@ -280,28 +283,24 @@ def bf16_supported() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def compute_dtype():
-    """bf16 where the hardware computes it natively, else fp32 (emulated bf16 matmuls are slower than fp32)."""
-    import torch
-
-    return torch.bfloat16 if bf16_supported() else torch.float32
-
-
 def nf4_config():
-    """The QLoRA quantization: 4-bit NF4, double quantization, computing in ``compute_dtype()``."""
+    """The QLoRA quantization: 4-bit NF4, double quantization, bf16 compute where the hardware has it.
+
+    On a CPU without native bf16, emulated bf16 matmuls are slower than fp32 ones, so fp32 is used.
+    """
+    import torch
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute_dtype(),
+        bnb_4bit_compute_dtype=torch.bfloat16 if bf16_supported() else torch.float32,
     )
 
 
-def load_model(folder: Path | str, quantized: bool = False, dequantized: bool = False, dtype=None):
-    """Load a checkpoint in fp32; 4-bit NF4 with ``quantized``; NF4 round-tripped to ``dtype`` (fp32 unless
-    given) with ``dequantized``.
+def load_model(folder: Path | str, quantized: bool = False, dequantized: bool = False):
+    """Load a checkpoint in fp32; 4-bit NF4 with ``quantized``; NF4 round-tripped to fp32 with ``dequantized``.
 
     The dequantized model holds exactly the weights a QLoRA adapter was trained against,
     in full precision: the base that adapters are evaluated on and merged into.
@@ -316,31 +315,12 @@ def load_model(folder: Path | str, quantized: bool = False, dequantized: bool = 
         kwargs["device_map"] = _device()
     model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
     if dequantized:
-        model = model.dequantize(dtype=dtype or torch.float32)
-        if dtype not in (None, torch.float32):
-            compute_linears_in(model, dtype)
+        model = model.dequantize(dtype=torch.float32)
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.hf_quantizer = None
         model.is_quantized = False
     return model.eval()
-
-
-def compute_linears_in(model, dtype) -> None:
-    """Make the linear layers whose weights are in ``dtype`` take fp32 inputs and give fp32 outputs,
-    computing in ``dtype``: what bitsandbytes' 4-bit layers do with their compute dtype."""
-    import torch
-
-    def cast_input(module, args):
-        return (args[0].to(dtype), *args[1:])
-
-    def cast_output(module, args, output):
-        return output.float()
-
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and module.weight.dtype == dtype:
-            module.register_forward_pre_hook(cast_input)
-            module.register_forward_hook(cast_output)
 
 
 def adapter_meta(adapter_dir: Path | str) -> dict:

@@ -65,10 +65,10 @@ class TrainConfig(_Strict):
     max_grad_norm: float = Field(1.0, gt=0)
     virtual_tokens: int = Field(20, ge=1, description="prefix and prompt tuning")
     dequantize_once: bool | None = Field(None, description=(
-        "qlora: train on an fp32 copy of the NF4 weights (the same values, and on a CPU the same fp32 matmuls) "
-        "instead of dequantizing them in every forward and backward: faster, at 4 bytes per base parameter. "
-        "None: on a CPU without native bf16 (fp32 compute) when that copy takes under a quarter of the available "
-        "memory"))
+        "qlora: train on an fp32 copy of the NF4 weights (the same values) instead of dequantizing them in every "
+        "forward and backward: on a CPU without native bf16 the same fp32 matmuls, faster; with native bf16 fp32 "
+        "matmuls instead of bf16 ones, which forgot less (docs/performance.md). 4 bytes per base parameter. "
+        "None: on a CPU when that copy takes under a quarter of the available memory"))
     gradient_checkpointing: bool = False
     group_by_length: bool = Field(True, description="batch examples of similar length: less padding")
     padding_free: bool = Field(False, description="concatenate a batch into one row with position_ids, no padding")

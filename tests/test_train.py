@@ -217,29 +217,27 @@ def test_shared_prefix_forward_equals_the_full_forward(tiny_base, attention, pac
     torch.testing.assert_close(shared[real], full[real], rtol=1e-4, atol=1e-5)
     for ours, reference in zip(torch.autograd.grad((shared * weights).sum(), params),
                                torch.autograd.grad((full * weights).sum(), params)):
-        torch.testing.assert_close(ours, reference, rtol=1e-3, atol=1e-5)
+        # fp32 sums in another order: within 0.1% of the tensor's largest gradient (CPUs differ in kernels).
+        torch.testing.assert_close(ours, reference, rtol=1e-3, atol=1e-3 * float(reference.abs().max()))
 
 
-@pytest.mark.parametrize("native_bf16", [False, True])
-def test_dequantize_once_trains_the_same_adapter_as_the_4bit_path(native_bf16, tiny_base, dataset, tmp_path,
-                                                                  monkeypatch):
+def test_dequantize_once_trains_the_same_adapter_as_the_4bit_path(tiny_base, dataset, tmp_path, monkeypatch):
     import torch
     from safetensors.torch import load_file
 
     from agentpeft import models
 
-    monkeypatch.setattr(models, "bf16_supported", lambda: native_bf16)
+    monkeypatch.setattr(models, "bf16_supported", lambda: False)  # bitsandbytes computes in fp32 too
     runs = {}
     for dense in (False, True):
         logs: list[str] = []
         out = tmp_path / f"dense-{dense}"
         result = train(tiny_base, dataset, out, _cfg(max_steps=3, dequantize_once=dense), log=logs.append)
-        dtype = "bfloat16" if native_bf16 else "float32"
-        assert any(f"dequantized once to {dtype}" in line for line in logs) == dense
+        assert any("dequantized once to fp32" in line for line in logs) == dense
         assert adapter_meta(out / "adapter")["quantized_base"]
         runs[dense] = (result, load_file(out / "adapter" / "adapter_model.safetensors"))
     (nf4, nf4_weights), (dense, dense_weights) = runs[False], runs[True]
-    # On a CPU bitsandbytes computes with the NF4 weights dequantized to the compute dtype: the same numbers.
+    # Without native bf16, bitsandbytes computes with the NF4 weights dequantized to fp32: the same numbers.
     assert nf4.final_loss == pytest.approx(dense.final_loss, rel=1e-4)
     assert nf4_weights.keys() == dense_weights.keys()
     for name in nf4_weights:
@@ -256,11 +254,11 @@ def test_dequantize_once_by_default_only_where_the_copy_fits(tiny_base, monkeypa
     assert count == sum(p.numel() for p in models.load_model(tiny_base).parameters())
     free = type("Mem", (), {"available": 0})
     monkeypatch.setattr(psutil, "virtual_memory", lambda: free)
-    for native_bf16, width in ((False, 4), (True, 2)):  # the copy is in the compute dtype: fp32 or bf16
+    for native_bf16 in (False, True):  # an fp32 copy on either kind of CPU
         monkeypatch.setattr(models, "bf16_supported", lambda: native_bf16)
-        free.available = 4 * width * count + 1
+        free.available = 4 * 4 * count + 1
         assert models.dense_nf4_fits(tiny_base)
-        free.available = 4 * width * count  # the copy would take a quarter
+        free.available = 4 * 4 * count  # the copy would take a quarter
         assert not models.dense_nf4_fits(tiny_base)
 
 
