@@ -8,6 +8,7 @@ import inspect
 import json
 import math
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -281,6 +282,20 @@ def bf16_supported() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def device_name() -> str:
+    """The hardware training runs on, in words: the GPU's name, or the CPU's model and whether it has native bf16."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    try:
+        cpu = next((line.partition(":")[2].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), "")
+    except OSError:
+        cpu = ""
+    return f"{cpu or platform.machine()} CPU, {'native' if bf16_supported() else 'no native'} bf16"
 
 
 def nf4_config():

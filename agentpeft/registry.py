@@ -181,7 +181,10 @@ def model_card(m: dict) -> str:
     """A Hugging Face style model card for a manifest."""
     ev = m.get("metrics", {})
     rows = "\n".join(f"| {k} | {ev['base'][k]:.3f} | {ev['tuned'][k]:.3f} |" for k in ev.get("tuned", {}))
-    hp = "\n".join(f"- {k}: {v}" for k, v in m.get("train", {}).get("config", {}).items())
+    trained = m.get("train", {})
+    hp = "\n".join(f"- {k}: {v}" for k, v in trained.get("config", {}).items())
+    if trained.get("precision"):
+        hp += f"\n- trained with {trained['precision']} on {trained.get('device') or 'unknown hardware'}"
     merged_line = (f"- `merged/`: the adapter merged into the base (safetensors, fp32); max logit difference "
                    f"to the unmerged adapter {m['merge']['max_logit_diff']:.2e}." if m.get("merge")
                    else f"- no `merged/`: a {m['train']['config']['method']} adapter is used as base + adapter.")

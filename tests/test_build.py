@@ -31,6 +31,10 @@ def test_build_registers_every_artifact(built):
     manifest = json.loads((built.path / "manifest.json").read_text())
     assert manifest["train"]["steps"] == 3
     assert manifest["train"]["config"]["method"] == "qlora"
+    # What actually ran, which the config's dequantize_once=None leaves to the machine.
+    assert manifest["train"]["precision"].endswith("compute, fp32 adapter")
+    assert manifest["train"]["device"]
+    assert f"trained with {manifest['train']['precision']} on" in (built.path / "README.md").read_text()
     assert set(manifest["metrics"]["base"]) == {"accuracy", "rouge_l"}
     assert manifest["merge"]["max_logit_diff"] <= 1e-3
     assert len(manifest["base_model"]["sha256"]) == 64

@@ -235,6 +235,9 @@ def test_dequantize_once_trains_the_same_adapter_as_the_4bit_path(tiny_base, dat
         result = train(tiny_base, dataset, out, _cfg(max_steps=3, dequantize_once=dense), log=logs.append)
         assert any("dequantized once to fp32" in line for line in logs) == dense
         assert adapter_meta(out / "adapter")["quantized_base"]
+        assert result.precision == ("NF4 dequantized once to fp32 weights, fp32 compute, fp32 adapter" if dense
+                                    else "NF4 4-bit weights, fp32 compute, fp32 adapter")
+        assert result.device.endswith("CPU, no native bf16")
         runs[dense] = (result, load_file(out / "adapter" / "adapter_model.safetensors"))
     (nf4, nf4_weights), (dense, dense_weights) = runs[False], runs[True]
     # Without native bf16, bitsandbytes computes with the NF4 weights dequantized to fp32: the same numbers.

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .. import progress
 from ..errors import AgentpeftError
-from ..models import ADAPTER_META, cache_argument, dense_nf4_fits, load_model, load_tokenizer
+from ..models import ADAPTER_META, cache_argument, dense_nf4_fits, device_name, load_model, load_tokenizer
 from ..recipe import TrainConfig
 
 #: Methods whose adapter can be folded into the base weights.
@@ -29,6 +29,8 @@ class TrainResult:
     trainable_params: int
     all_params: int
     tokens: int
+    precision: str = ""
+    device: str = ""
 
     def summary(self) -> str:
         loss = "untrained" if self.final_loss is None else f"final loss {self.final_loss:.3f}"
@@ -86,6 +88,7 @@ def train(base_dir: Path, dataset_dir: Path, out_dir: Path, cfg: TrainConfig, re
     if dense:
         log("qlora: training on the NF4 weights dequantized once to fp32 (dequantize_once)")
     model = load_model(base_dir, quantized=quantized and not dense, dequantized=dense)
+    nf4_compute = getattr(getattr(model.config, "quantization_config", None), "bnb_4bit_compute_dtype", None)
     if quantized and not dense:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     elif cfg.gradient_checkpointing:
@@ -138,6 +141,9 @@ def train(base_dir: Path, dataset_dir: Path, out_dir: Path, cfg: TrainConfig, re
     trainer = trainer_cls(model=model, args=args, train_dataset=train_set.select_columns(columns),
                           processing_class=tokenizer)
     keep_trainable_fp32(model)
+    weights = "NF4 dequantized once to fp32" if dense else "NF4 4-bit" if quantized else "fp32"
+    compute = "bf16" if args.bf16 or nf4_compute == torch.bfloat16 else "fp32"
+    precision = f"{weights} weights, {compute} compute, fp32 adapter"
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(_progress_callback())
     checkpoint = _last_checkpoint(out_dir / "checkpoints") if resume else None
@@ -151,7 +157,8 @@ def train(base_dir: Path, dataset_dir: Path, out_dir: Path, cfg: TrainConfig, re
     seconds = time.perf_counter() - start
     adapter_dir = out_dir / "adapter"
     if not trainer.is_world_process_zero():  # under `accelerate launch`, the main process writes the results
-        return TrainResult(adapter_dir, trainer.state.global_step, None, seconds, trainable, total, 0)
+        return TrainResult(adapter_dir, trainer.state.global_step, None, seconds, trainable, total, 0, precision,
+                           device_name())
     if args.world_size > 1:
         log(f"trained data-parallel on {args.world_size} processes (accelerate)")
     model.save_pretrained(str(adapter_dir))
@@ -166,7 +173,7 @@ def train(base_dir: Path, dataset_dir: Path, out_dir: Path, cfg: TrainConfig, re
         raise AgentpeftError(f"training diverged (loss {losses[-1:] or 'never logged'}); lower --lr and retry")
     plot_loss(history, out_dir / "loss_curve.png")
     return TrainResult(adapter_dir, trainer.state.global_step, losses[-1] if losses else None, seconds, trainable, total,
-                       int(max((r.get("num_tokens", 0) for r in history), default=0)))
+                       int(max((r.get("num_tokens", 0) for r in history), default=0)), precision, device_name())
 
 
 def keep_trainable_fp32(model) -> None:
