@@ -143,7 +143,7 @@ def train(base_dir: Path, dataset_dir: Path, out_dir: Path, cfg: TrainConfig, re
     keep_trainable_fp32(model)
     weights = "NF4 dequantized once to fp32" if dense else "NF4 4-bit" if quantized else "fp32"
     compute = "bf16" if args.bf16 or nf4_compute == torch.bfloat16 else "fp32"
-    precision = f"{weights} weights, {compute} compute, fp32 adapter"
+    precision, device = f"{weights} weights, {compute} compute, fp32 adapter", device_name()
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(_progress_callback())
     checkpoint = _last_checkpoint(out_dir / "checkpoints") if resume else None
@@ -157,8 +157,7 @@ def train(base_dir: Path, dataset_dir: Path, out_dir: Path, cfg: TrainConfig, re
     seconds = time.perf_counter() - start
     adapter_dir = out_dir / "adapter"
     if not trainer.is_world_process_zero():  # under `accelerate launch`, the main process writes the results
-        return TrainResult(adapter_dir, trainer.state.global_step, None, seconds, trainable, total, 0, precision,
-                           device_name())
+        return TrainResult(adapter_dir, trainer.state.global_step, None, seconds, trainable, total, 0, precision, device)
     if args.world_size > 1:
         log(f"trained data-parallel on {args.world_size} processes (accelerate)")
     model.save_pretrained(str(adapter_dir))
@@ -173,7 +172,7 @@ def train(base_dir: Path, dataset_dir: Path, out_dir: Path, cfg: TrainConfig, re
         raise AgentpeftError(f"training diverged (loss {losses[-1:] or 'never logged'}); lower --lr and retry")
     plot_loss(history, out_dir / "loss_curve.png")
     return TrainResult(adapter_dir, trainer.state.global_step, losses[-1] if losses else None, seconds, trainable, total,
-                       int(max((r.get("num_tokens", 0) for r in history), default=0)), precision, device_name())
+                       int(max((r.get("num_tokens", 0) for r in history), default=0)), precision, device)
 
 
 def keep_trainable_fp32(model) -> None:
