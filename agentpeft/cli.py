@@ -53,8 +53,11 @@ TRAIN_OPTIONS = (
     click.option("--anchor-kl", type=float,
                  help="Weight of the KL-to-base loss on train-only general pairs (0: cross-entropy on their answers)."),
     click.option("--dequantize-once/--no-dequantize-once", default=None,
-                 help="QLoRA: train on the NF4 weights dequantized once to fp32 (default: on a CPU that computes in "
-                      "fp32, when the copy fits in a quarter of the free memory)."),
+                 help="QLoRA: train on the NF4 weights dequantized once (default: on a CPU, when the fp32 copy fits "
+                      "in a quarter of the free memory)."),
+    click.option("--bf16/--no-bf16", default=None,
+                 help="Compute the frozen base in bf16, adapter and logits in fp32 (default: where the hardware has "
+                      "native bf16)."),
     click.option("--seed", type=int, help="Random seed."),
     click.option("--save-steps", type=int, help="Checkpoint every N steps (what --resume continues from)."),
     click.option("--report-to", type=click.Choice(["none", "tensorboard", "wandb"]), multiple=True,

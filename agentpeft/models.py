@@ -211,8 +211,7 @@ def dense_nf4_fits(folder: Path | str) -> bool:
     copy takes under a quarter of the available memory.
 
     Without native bf16, bitsandbytes dequantizes to fp32 for every matmul anyway (the same numbers,
-    faster). With it, fp32 matmuls are slower than bf16 ones, but a bf16 copy forgot more at two seeds
-    (docs/performance.md), and fp32 gives the same adapter on either kind of CPU.
+    faster). With it, the train stage then copies the linear layers to bf16 (``train.bf16``).
     """
     import psutil
     import torch

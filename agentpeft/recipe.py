@@ -66,9 +66,13 @@ class TrainConfig(_Strict):
     virtual_tokens: int = Field(20, ge=1, description="prefix and prompt tuning")
     dequantize_once: bool | None = Field(None, description=(
         "qlora: train on an fp32 copy of the NF4 weights (the same values) instead of dequantizing them in every "
-        "forward and backward: on a CPU without native bf16 the same fp32 matmuls, faster; with native bf16 fp32 "
-        "matmuls instead of bf16 ones, which forgot less (docs/performance.md). 4 bytes per base parameter. "
-        "None: on a CPU when that copy takes under a quarter of the available memory"))
+        "forward and backward: on a CPU without native bf16 the same fp32 matmuls, faster; with native bf16 "
+        "(train.bf16) its linear layers are then copied to bf16. "
+        "None: on a CPU when the fp32 copy takes under a quarter of the available memory"))
+    bf16: bool | None = Field(None, description=(
+        "compute the frozen base's matmuls in bf16 (autocast over a bf16 copy of its linear weights), keeping the "
+        "adapter, the residual stream, the norms and the LM head's logits in fp32. None: where the hardware has native "
+        "bf16 (a GPU with bf16, a CPU with AVX512-BF16 or AMX)"))
     gradient_checkpointing: bool = False
     group_by_length: bool = Field(True, description="batch examples of similar length: less padding")
     padding_free: bool = Field(False, description="concatenate a batch into one row with position_ids, no padding")

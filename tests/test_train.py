@@ -277,3 +277,45 @@ def test_qlora_adapter_stays_fp32_on_a_cpu(native_bf16, tiny_base, dataset, tmp_
     dtypes = {w.dtype for w in load_file(result.adapter_dir / "adapter_model.safetensors").values()}
     # TRL stores a 4-bit model's adapter in bf16, whose updates lose the small steps (docs/performance.md).
     assert dtypes == {torch.float32}
+
+
+def test_bf16_computes_the_base_in_bf16_and_keeps_the_adapter_fp32(tiny_base, dataset, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    runs = {}
+    for bf16 in (False, True, False):
+        out = tmp_path / f"bf16-{bf16}"
+        # Without autocast around the trainer's own trunk and head calls, fp32 inputs meet bf16 weights and fail.
+        result = train(tiny_base, dataset, out, _cfg(max_steps=2, bf16=bf16, dequantize_once=True))
+        weights = load_file(out / "adapter" / "adapter_model.safetensors")
+        assert {w.dtype for w in weights.values()} == {torch.float32}
+        losses = [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()
+                  if "loss" in json.loads(line)]
+        # No precision leaks from one run to the next in the same process (accelerate keeps global state).
+        assert runs.get(bf16, (None, losses))[1] == losses
+        runs[bf16] = result, losses
+    assert runs[True][0].precision == ("NF4 dequantized once to fp32 weights (linear layers copied to bf16), "
+                                       "bf16 compute, fp32 adapter")
+    assert runs[False][0].precision == "NF4 dequantized once to fp32 weights, fp32 compute, fp32 adapter"
+    (fp32_losses, bf16_losses) = runs[False][1], runs[True][1]
+    # The same training in another precision: close, not equal (bf16 keeps 8 significant bits).
+    assert bf16_losses != fp32_losses
+    assert bf16_losses == pytest.approx(fp32_losses, rel=0.02)
+
+
+def test_frozen_linears_to_bf16_leaves_the_adapter_head_and_4bit_layers(tiny_base):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from agentpeft.models import load_model
+    from agentpeft.pipeline.train import frozen_linears_to_bf16
+
+    config = LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM")
+    model = get_peft_model(load_model(tiny_base), config)
+    assert frozen_linears_to_bf16(model)
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    assert {d for n, d in dtypes.items() if "base_layer" in n} == {torch.bfloat16}
+    assert {d for n, d in dtypes.items() if "lora_" in n or "norm" in n or "embed" in n} == {torch.float32}
+    assert model.get_output_embeddings().weight.dtype == torch.float32
+    assert not frozen_linears_to_bf16(get_peft_model(load_model(tiny_base, quantized=True), config))

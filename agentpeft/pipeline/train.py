@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import progress
+from .. import models, progress
 from ..errors import AgentpeftError
 from ..models import ADAPTER_META, cache_argument, dense_nf4_fits, device_name, load_model, load_tokenizer
 from ..recipe import TrainConfig
@@ -95,12 +95,19 @@ def train(base_dir: Path, dataset_dir: Path, out_dir: Path, cfg: TrainConfig, re
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
     model = get_peft_model(model, peft_config(cfg))
+    cuda = torch.cuda.is_available()
+    native_bf16 = models.bf16_supported()
+    bf16 = cfg.bf16 if cfg.bf16 is not None else native_bf16
+    if bf16 and not native_bf16:
+        log("bf16 on hardware without native bf16 is emulated, slower than fp32")
+    cast = bf16 and frozen_linears_to_bf16(model)
+    if cast:
+        log("bf16: the base's linear layers copied to bf16; the adapter and the logits stay fp32")
     trainable, total = model.get_nb_trainable_parameters()
     log(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
 
     steps_per_epoch = math.ceil(len(train_set) / (cfg.batch_size * cfg.grad_accum))
     planned = cfg.max_steps if cfg.max_steps > 0 else math.ceil(steps_per_epoch * cfg.epochs)
-    cuda = torch.cuda.is_available()
     args = SFTConfig(
         output_dir=str(out_dir / "checkpoints"),
         num_train_epochs=cfg.epochs,
@@ -119,7 +126,7 @@ def train(base_dir: Path, dataset_dir: Path, out_dir: Path, cfg: TrainConfig, re
         report_to=cfg.report_to,
         seed=cfg.seed,
         data_seed=cfg.seed,
-        bf16=cuda and torch.cuda.is_bf16_supported(),
+        bf16=bf16,
         use_cpu=not cuda,
         completion_only_loss=True,
         # TRL does not truncate padding-free batches; the check above keeps every pair within max_seq_len.
@@ -142,8 +149,9 @@ def train(base_dir: Path, dataset_dir: Path, out_dir: Path, cfg: TrainConfig, re
                           processing_class=tokenizer)
     keep_trainable_fp32(model)
     weights = "NF4 dequantized once to fp32" if dense else "NF4 4-bit" if quantized else "fp32"
+    weights += " weights (linear layers copied to bf16)" if cast else " weights"
     compute = "bf16" if args.bf16 or nf4_compute == torch.bfloat16 else "fp32"
-    precision, device = f"{weights} weights, {compute} compute, fp32 adapter", device_name()
+    precision, device = f"{weights}, {compute} compute, fp32 adapter", device_name()
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(_progress_callback())
     checkpoint = _last_checkpoint(out_dir / "checkpoints") if resume else None
@@ -190,6 +198,24 @@ def keep_trainable_fp32(model) -> None:
     for param in model.parameters():
         if param.requires_grad and param.dtype == torch.bfloat16:
             param.data = param.data.float()
+
+
+def frozen_linears_to_bf16(model) -> bool:
+    """Store the frozen linear layers' weights in bf16, for autocast to use without casting them in every call.
+
+    The adapter, the norms, the embeddings and the output head (often the embeddings' own weights) stay
+    as they are. Returns whether any layer was cast (none in a 4-bit model, whose layers are not plain Linear).
+    """
+    import torch
+
+    head = model.get_output_embeddings()
+    cast = False
+    for module in model.modules():
+        if type(module) is torch.nn.Linear and module is not head and not module.weight.requires_grad \
+                and module.weight.dtype == torch.float32:
+            module.weight.data = module.weight.data.to(torch.bfloat16)
+            cast = True
+    return cast
 
 
 def plot_loss(history: list[dict], path: Path) -> None:
@@ -245,6 +271,10 @@ def _answer_only_trainer(base_cls, anchor_kl: float = 0.0, share_prefix: bool = 
                 self.data_collator = _with_row_value(self.data_collator, "anchor")
                 self._base_logp = self._base_answer_log_probs()
 
+        def autocast_smart_context_manager(self, cache_enabled=True):
+            # compute_loss calls the trunk and the head itself, not the forward accelerate wraps in autocast.
+            return self.accelerator.autocast()
+
         def _set_signature_columns_if_needed(self):
             super()._set_signature_columns_if_needed()
             if anchor_kl:
@@ -262,7 +292,7 @@ def _answer_only_trainer(base_cls, anchor_kl: float = 0.0, share_prefix: bool = 
             peft_model, _, trunk, head = self._trunk_and_head(self.model)
             rows = [r for r in self.train_dataset if r["anchor"] >= 0]
             out = {}
-            with torch.no_grad(), peft_model.disable_adapter():
+            with torch.no_grad(), peft_model.disable_adapter(), self.autocast_smart_context_manager():
                 for start in range(0, len(rows), batch_size):
                     chunk = rows[start:start + batch_size]
                     batch = self.data_collator.inner([{k: v for k, v in r.items() if k != "anchor"} for r in chunk])
@@ -273,14 +303,14 @@ def _answer_only_trainer(base_cls, anchor_kl: float = 0.0, share_prefix: bool = 
                     else:
                         hidden = trunk(**batch, use_cache=False).last_hidden_state[:, :-1]
                     for row, h, m in zip(chunk, hidden, mask):
-                        logp, ids = head(h[m]).float().log_softmax(-1).topk(top, dim=-1)
+                        logp, ids = _logits(head, h[m]).log_softmax(-1).topk(top, dim=-1)
                         out[row["anchor"]] = (ids, logp)
             return out
 
         def _anchor_kl(self, hidden, head, anchors, positions):
             """Sum over ``positions`` of KL(base || tuned) on the base's top tokens plus the rest bucket."""
             ids, base_logp = (torch.cat(t) for t in zip(*(self._base_logp[int(i)] for i in anchors[anchors >= 0])))
-            tuned_logp = head(hidden[positions]).float().log_softmax(-1).gather(1, ids)
+            tuned_logp = _logits(head, hidden[positions]).log_softmax(-1).gather(1, ids)
             base_p = base_logp.exp()
             base_rest = (1 - base_p.sum(1)).clamp(min=1e-12)
             tuned_rest = (1 - tuned_logp.exp().sum(1)).clamp(min=1e-12)
@@ -307,11 +337,11 @@ def _answer_only_trainer(base_cls, anchor_kl: float = 0.0, share_prefix: bool = 
                 backbone = {k: v for k, v in inputs.items() if k != "labels"}
                 hidden = trunk(**backbone, use_cache=False).last_hidden_state[:, :-1]
             if anchors is None or not bool((anchors >= 0).any()):
-                total = F.cross_entropy(head(hidden[mask]).float(), labels[mask], reduction="sum")
+                total = F.cross_entropy(_logits(head, hidden[mask]), labels[mask], reduction="sum")
             else:
                 rows = (anchors >= 0).to(mask.device)
                 own, general = mask & ~rows[:, None], mask & rows[:, None]
-                total = F.cross_entropy(head(hidden[own]).float(), labels[own], reduction="sum")
+                total = F.cross_entropy(_logits(head, hidden[own]), labels[own], reduction="sum")
                 total = total + anchor_kl * self._anchor_kl(hidden, head, anchors, general)
             count = mask.sum() if num_items_in_batch is None else num_items_in_batch
             loss = total / torch.as_tensor(count).clamp(min=1)
@@ -325,6 +355,14 @@ def _answer_only_trainer(base_cls, anchor_kl: float = 0.0, share_prefix: bool = 
             return loss
 
     return AnswerOnlyLossTrainer
+
+
+def _logits(head, hidden):
+    """The head's fp32 logits, outside autocast: bf16 keeps 8 significant bits (a logit near 20 in steps of 0.125)."""
+    import torch
+
+    with torch.autocast(hidden.device.type, enabled=False):
+        return head(hidden.float()).float()
 
 
 def shared_prefix_hidden(trunk, input_ids, attention_mask, min_prefix: int = 8, packed: bool | None = None):
