@@ -232,7 +232,7 @@ def child(side: str, base: Path, data: Path, steps: int, overrides: dict, evalua
             "threads": torch.get_num_threads(), "batch_shapes": counter.batch_shapes}
 
 
-def matmul_peak(dtype_name: str, size: int = 2048, repeats: int = 3) -> float:
+def matmul_peak(dtype_name: str, size: int = 2048, repeats: int = 10) -> float:
     """Best of ``repeats`` timed ``size``-square matmuls (on the GPU when there is one), in FLOP/s."""
     import torch
 
