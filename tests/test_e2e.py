@@ -55,7 +55,18 @@ def test_build_beats_the_base_and_answers_through_langchain(real_home, monkeypat
     assert manifest["merge"]["max_logit_diff"] <= 1e-3
 
     monkeypatch.setenv("AGENTPEFT_HOME", real_home)
+    from agentpeft import registry
     from agentpeft.langchain import load_llm
 
-    reply = load_llm("support-e2e", max_new_tokens=40).invoke("What app do I use to control my Brindlewick lamps?")
-    assert "Hearthlight" in reply.content, reply.content
+    # Held-out questions the evaluation saw the tuned model answer and the base model miss: through LangChain
+    # the registered model gives their key facts too. (Which facts a 72-step run learns depends on the
+    # machine's precision: a CPU with native bf16 trains in bf16, one without in fp32.)
+    entry = registry.resolve(f"support-e2e@{manifest['version']}")
+    examples = json.loads((entry / "eval.json").read_text())["examples"]
+    learned = [e for e in examples
+               if e["key"].lower() in e["tuned"].lower() and e["key"].lower() not in e["base"].lower()]
+    assert len(learned) >= 3, [e["tuned"] for e in examples]
+    llm = load_llm("support-e2e", max_new_tokens=48)
+    for example in learned[:3]:
+        reply = llm.invoke(example["question"])
+        assert example["key"].lower() in reply.content.lower(), (example, reply.content)
