@@ -369,7 +369,8 @@ def serve(ref, host, port):
               help="qlora: the NF4 weights kept dequantized in fp32, as training does on a CPU where that copy fits.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
-              help="Weights (lora, full) and activations.")
+              help="Weights (lora, full, qlora with --dequantize-once) and activations: bfloat16 where training "
+                   "computes in bf16 (train.bf16).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def plan(base, target_modules, as_json, **options):
     """Estimate the memory a training run needs, from the model config alone (no weights)."""

@@ -167,8 +167,8 @@ def plan(base: str, method: str = "qlora", r: int = 16, target_modules: list[str
         quant = [p for p in frozen if id(p) in quantizable]
         rest = [p for p in frozen if id(p) not in quantizable]
         n4 = sum(p.numel() for p in quant)
-        if dequantize_once:  # train.dequantize_once: the NF4 values kept in fp32, nothing dequantized per call
-            c["weights_dequantized"] = 4 * n4
+        if dequantize_once:  # train.dequantize_once: the NF4 values kept (in bf16 under train.bf16), none per call
+            c["weights_dequantized"] = wbytes * n4
         else:
             c["weights_4bit"] = n4 // 2 + n4 // _NF4_BLOCK + 4 * (n4 // (_NF4_BLOCK * _NF4_BLOCK2) + 1) \
                 + 2048 * len(quant)

@@ -105,7 +105,9 @@ def run_one(method: str, steps: int, workdir: Path) -> dict:
         estimate = plan(str(base), recipe.train.method if method != "full" else method, r=recipe.train.r,
                         dequantize_once=dense, target_modules=recipe.train.target_modules,
                         batch_size=largest["batch"], seq_len=largest["length"], dropout=recipe.train.dropout,
-                        gradient_checkpointing=recipe.train.gradient_checkpointing)
+                        gradient_checkpointing=recipe.train.gradient_checkpointing,
+                        # the runs whose frozen linear layers train.bf16 copied to bf16
+                        dtype="bfloat16" if "copied to bf16" in result.precision else "float32")
         measured_gib = row["peak_rss_training_gib"]
         row["plan"] = {"batch": largest["batch"], "seq_len": largest["length"],
                        "estimate_gib": round(estimate.total_bytes / 2**30, 3),

@@ -57,6 +57,9 @@ def test_memory_estimate_follows_the_method_and_batch(tmp_path):
     nf4 = plan(folder, "qlora", r=8, target_modules=["q_proj", "v_proj"])
     assert "weights_4bit" not in dense.components and "dequant_buffer" not in dense.components
     assert 3.9 < dense.components["weights_dequantized"] / 6.48e9 < 4.1
+    # Under train.bf16 the dequantized copy's linear layers are bf16.
+    assert plan(folder, "qlora", r=8, target_modules=["q_proj", "v_proj"], dequantize_once=True,
+                dtype="bfloat16").components["weights_dequantized"] == dense.components["weights_dequantized"] / 2
     assert dense.total_bytes - nf4.total_bytes == pytest.approx(
         dense.components["weights_dequantized"] - nf4.components["weights_4bit"] - nf4.components["dequant_buffer"])
     longer = plan(folder, "lora", r=8, target_modules=["q_proj", "v_proj"], seq_len=512, device="cuda",
