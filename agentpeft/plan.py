@@ -8,7 +8,8 @@ they are exactly what ``print_trainable_parameters`` prints for the same setup. 
   blocks and a 256-entry code table per tensor; the other parameters (embeddings, norms) are fp32 because
   peft's ``prepare_model_for_kbit_training`` casts them. ``lora`` and ``full`` keep every weight in ``dtype``.
   On CPU a 4-bit model is quantized from the memory-mapped checkpoint, whose pages stay resident, so the
-  checkpoint file is counted too (``checkpoint_mapping``).
+  checkpoint file is counted too (``checkpoint_mapping``); so it is for ``lora`` and ``full`` when ``dtype``
+  is bfloat16 over an fp32 checkpoint (weights converted to bf16 under ``train.bf16``).
 - **adapter**, **gradients**, **optimizer**: trainable parameters in fp32 (peft keeps adapters in fp32);
   gradients one copy; AdamW two fp32 states. Full fine-tuning keeps all three in ``dtype``. Without
   gradient accumulation the gradients and the activations do not peak together: backward frees each
@@ -178,7 +179,10 @@ def plan(base: str, method: str = "qlora", r: int = 16, target_modules: list[str
         if not dequantize_once:
             c["dequant_buffer"] = 4 * max((p.numel() for p in quant), default=0)
     else:
-        c["weights"] = wbytes * sum(p.numel() for p in (frozen if method != "full" else model.parameters()))
+        weights = sum(p.numel() for p in (frozen if method != "full" else model.parameters()))
+        c["weights"] = wbytes * weights
+        if device == "cpu" and wbytes == 2 and _checkpoint_bytes(config) == 4:  # bf16 copies beside the mapped file
+            c["checkpoint_mapping"] = _checkpoint_bytes(config) * weights
     state = wbytes if method == "full" else 4
     if method != "full":
         c["adapter"] = 4 * trainable

@@ -57,6 +57,11 @@ def test_memory_estimate_follows_the_method_and_batch(tmp_path):
     nf4 = plan(folder, "qlora", r=8, target_modules=["q_proj", "v_proj"])
     assert "weights_4bit" not in dense.components and "dequant_buffer" not in dense.components
     assert 3.9 < dense.components["weights_dequantized"] / 6.48e9 < 4.1
+    # On a CPU, weights converted from the checkpoint's dtype sit beside its memory-mapped pages.
+    cpu_fp32 = plan(folder, "lora", r=8, target_modules=["q_proj", "v_proj"])
+    cpu_bf16 = plan(folder, "lora", r=8, target_modules=["q_proj", "v_proj"], dtype="bfloat16")
+    assert "checkpoint_mapping" not in cpu_fp32.components
+    assert cpu_bf16.components["checkpoint_mapping"] == 2 * cpu_bf16.components["weights"]
     # Under train.bf16 the dequantized copy's linear layers are bf16.
     assert plan(folder, "qlora", r=8, target_modules=["q_proj", "v_proj"], dequantize_once=True,
                 dtype="bfloat16").components["weights_dequantized"] == dense.components["weights_dequantized"] / 2
