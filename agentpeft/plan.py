@@ -182,7 +182,7 @@ def plan(base: str, method: str = "qlora", r: int = 16, target_modules: list[str
         weights = sum(p.numel() for p in (frozen if method != "full" else model.parameters()))
         c["weights"] = wbytes * weights
         if device == "cpu" and wbytes == 2 and _checkpoint_bytes(config) == 4:  # bf16 copies beside the mapped file
-            c["checkpoint_mapping"] = _checkpoint_bytes(config) * weights
+            c["checkpoint_mapping"] = 4 * weights
     state = wbytes if method == "full" else 4
     if method != "full":
         c["adapter"] = 4 * trainable
