@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from agentpeft.models import chat_prompt, generate, load_model, load_tokenizer
@@ -69,3 +71,32 @@ def test_settled_rows_stop_early_and_keep_their_reply_so_far(tiny_base):
         else:
             assert whole.startswith(short) and len(short) >= 3
     assert any(len(short) < len(whole) for short, whole in zip(cut, full))
+
+
+_SHAPES = """
+import sys, psutil, torch
+from agentpeft.models import bound_onednn_caches
+if sys.argv[1] == "bounded":
+    bound_onednn_caches()
+w = torch.randn(1536, 576, dtype=torch.bfloat16)
+torch.nn.functional.linear(torch.randn(8, 576, dtype=torch.bfloat16), w)
+start = psutil.Process().memory_info().rss
+for rows in range(50, 250):  # a new matmul shape each time, as batches of varying token counts give
+    torch.nn.functional.linear(torch.randn(rows, 576, dtype=torch.bfloat16), w) @ w
+print((psutil.Process().memory_info().rss - start) / 2**20)
+"""
+
+
+def test_bounded_onednn_caches_keep_bf16_matmul_memory_flat_over_many_shapes():
+    import subprocess
+    import sys
+
+    from agentpeft.models import cpu_bf16_supported
+
+    if not cpu_bf16_supported():
+        pytest.skip("this CPU has no native bf16: training computes in fp32 here and bounds no oneDNN caches")
+    env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")}
+    growth = {mode: float(subprocess.run([sys.executable, "-c", _SHAPES, mode], env=env, capture_output=True,
+                                         text=True, check=True).stdout.split()[-1]) for mode in ("default", "bounded")}
+    assert growth["default"] > 100  # MiB: oneDNN's default caches keep a kernel for each of the 200 shapes
+    assert growth["bounded"] < growth["default"] / 3
