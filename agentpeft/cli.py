@@ -368,9 +368,9 @@ def serve(ref, host, port):
 @click.option("--dequantize-once", is_flag=True,
               help="qlora: the NF4 weights kept dequantized in fp32, as training does on a CPU where that copy fits.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
-              help="Weights (lora, full, qlora with --dequantize-once) and activations: bfloat16 where training "
-                   "computes in bf16 (train.bf16).")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
+              help="Weights (lora, full, qlora with --dequantize-once) and activations. auto: what training computes "
+                   "in (train.bf16): bfloat16 on a GPU or a CPU with native bf16, else float32.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def plan(base, target_modules, as_json, **options):
     """Estimate the memory a training run needs, from the model config alone (no weights)."""

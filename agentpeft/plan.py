@@ -61,6 +61,7 @@ class Plan:
     seq_len: int
     gradient_checkpointing: bool
     device: str
+    dtype: str = "float32"
     components: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -77,7 +78,7 @@ class Plan:
         return "\n".join([
             self.peft_line(),
             f"estimated peak memory ({self.method}, batch {self.batch_size} x {self.seq_len} tokens, "
-            f"{'gradient checkpointing, ' if self.gradient_checkpointing else ''}{self.device}):",
+            f"{'gradient checkpointing, ' if self.gradient_checkpointing else ''}{self.device}, {self.dtype}):",
             *rows, f"  {'total':<20}{self.total_bytes / GIB:9.3f} GiB"])
 
     def to_dict(self) -> dict:
@@ -133,15 +134,23 @@ def meta_model(config, method: str, r: int = 16, alpha: int = 32, target_modules
 
 def plan(base: str, method: str = "qlora", r: int = 16, target_modules: list[str] | str = "all-linear",
          batch_size: int = 8, seq_len: int = 256, gradient_checkpointing: bool = False, device: str = "cpu",
-         dtype: str = "float32", alpha: int = 32, dropout: float = 0.0, dequantize_once: bool = False,
+         dtype: str = "auto", alpha: int = 32, dropout: float = 0.0, dequantize_once: bool = False,
          grad_accum: int = 1) -> Plan:
-    """Count parameters exactly and estimate the peak memory of training ``base`` with ``method``."""
+    """Count parameters exactly and estimate the peak memory of training ``base`` with ``method``.
+
+    ``dtype`` "auto" plans what training computes in: bfloat16 on a GPU (Ampere or newer assumed) and on a
+    CPU with native bf16 (this machine's), float32 on other CPUs.
+    """
     if method not in METHODS:
         raise AgentpeftError(f"--method must be one of {', '.join(METHODS)}, not {method!r}")
     if device not in ("cpu", "cuda"):
         raise AgentpeftError(f"--device must be cpu or cuda, not {device!r}")
-    if dtype not in ("float32", "bfloat16"):
-        raise AgentpeftError(f"--dtype must be float32 or bfloat16, not {dtype!r}")
+    if dtype not in ("auto", "float32", "bfloat16"):
+        raise AgentpeftError(f"--dtype must be auto, float32 or bfloat16, not {dtype!r}")
+    if dtype == "auto":
+        from .models import cpu_bf16_supported
+
+        dtype = "bfloat16" if device == "cuda" or cpu_bf16_supported() else "float32"
     if min(r, batch_size, seq_len, grad_accum) < 1:
         raise AgentpeftError("--r, --batch-size, --seq-len and --grad-accum must be positive")
     import torch
@@ -152,7 +161,7 @@ def plan(base: str, method: str = "qlora", r: int = 16, target_modules: list[str
         total = trainable = sum(p.numel() for p in model.parameters())
     else:
         trainable, total = model.get_nb_trainable_parameters()
-    result = Plan(base, method, trainable, total, batch_size, seq_len, gradient_checkpointing, device)
+    result = Plan(base, method, trainable, total, batch_size, seq_len, gradient_checkpointing, device, dtype)
     wbytes = 2 if dtype == "bfloat16" else 4
     # On a CPU without native bf16 agentpeft computes in fp32; bf16 activations only where asked for.
     abytes = wbytes
@@ -223,4 +232,4 @@ def _activation_elements(config, model, method: str, r: int, dropout: float, lor
 
 def _checkpoint_bytes(config) -> int:
     """Bytes per weight in the checkpoint file (its config's dtype; fp32 when unstated)."""
-    return 2 if "16" in str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)) else 4
+    return 2 if "16" in str(getattr(config, "dtype", None)) else 4  # transformers 5 reads torch_dtype into dtype

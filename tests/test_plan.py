@@ -53,12 +53,12 @@ def test_memory_estimate_follows_the_method_and_batch(tmp_path):
     assert full.components["optimizer"] == 2 * 2 * 6_738_415_616
     assert qlora.total_bytes < lora.total_bytes < full.total_bytes
     # Dequantized once: the quantized weights in fp32 instead of NF4, no per-call dequantization buffer.
-    dense = plan(folder, "qlora", r=8, target_modules=["q_proj", "v_proj"], dequantize_once=True)
-    nf4 = plan(folder, "qlora", r=8, target_modules=["q_proj", "v_proj"])
+    dense = plan(folder, "qlora", r=8, target_modules=["q_proj", "v_proj"], dequantize_once=True, dtype="float32")
+    nf4 = plan(folder, "qlora", r=8, target_modules=["q_proj", "v_proj"], dtype="float32")
     assert "weights_4bit" not in dense.components and "dequant_buffer" not in dense.components
     assert 3.9 < dense.components["weights_dequantized"] / 6.48e9 < 4.1
     # On a CPU, weights converted from the checkpoint's dtype sit beside its memory-mapped pages.
-    cpu_fp32 = plan(folder, "lora", r=8, target_modules=["q_proj", "v_proj"])
+    cpu_fp32 = plan(folder, "lora", r=8, target_modules=["q_proj", "v_proj"], dtype="float32")
     cpu_bf16 = plan(folder, "lora", r=8, target_modules=["q_proj", "v_proj"], dtype="bfloat16")
     assert "checkpoint_mapping" not in cpu_fp32.components
     assert cpu_bf16.components["checkpoint_mapping"] == 2 * cpu_bf16.components["weights"]
@@ -91,6 +91,21 @@ def test_gradients_and_activations_do_not_peak_together_without_accumulation(tmp
     assert lora.components["gradients"] == 0  # a frozen head; each adapter's gradients replace its activations
     result = CliRunner().invoke(cli, ["plan", "--base", folder, "--grad-accum", "0"])
     assert result.exit_code != 0 and "--grad-accum" in result.output and "Traceback" not in result.output
+
+
+def test_dtype_auto_plans_what_training_computes_in(tmp_path, monkeypatch):
+    from agentpeft import models
+
+    folder = str(_folder(tmp_path, "llama2", LLAMA2_7B))
+    for native, expected in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(models, "cpu_bf16_supported", lambda: native)
+        auto = plan(folder, "lora", r=8, target_modules=["q_proj", "v_proj"])
+        assert auto.dtype == expected
+        assert auto.components == plan(folder, "lora", r=8, target_modules=["q_proj", "v_proj"],
+                                       dtype=expected).components
+        assert plan(folder, "lora", device="cuda").dtype == "bfloat16"
+        result = CliRunner().invoke(cli, ["plan", "--base", folder, "--method", "lora"])
+        assert result.exit_code == 0 and f"cpu, {expected})" in result.output
 
 
 def test_python_api_and_json_output(tmp_path, tiny_base):
