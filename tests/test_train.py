@@ -285,7 +285,8 @@ def test_bf16_computes_the_base_in_bf16_and_keeps_the_adapter_fp32(tiny_base, da
     from safetensors.torch import load_file
 
     for name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "")  # recorded, so that the test's end restores the process environment
+        monkeypatch.delenv(name)
     runs = {}
     for bf16 in (False, True, False):
         out = tmp_path / f"bf16-{bf16}"
