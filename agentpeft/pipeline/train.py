@@ -376,13 +376,16 @@ def shared_prefix_hidden(trunk, input_ids, attention_mask, min_prefix: int = 8, 
     without padding where the attention implementation takes a custom mask (each tail sees the prefix
     and itself only), else as padded rows over a repeated cache. Causal attention makes the result the
     same as the full forward on every real token (tests/test_train.py checks hidden states and
-    gradients; padding positions hold no meaningful values). ``packed`` None chooses by the implementation.
+    gradients; padding positions hold no meaningful values). ``packed`` None packs where the implementation
+    takes the mask, except under bf16 autocast on a CPU: there the linear layers run fast enough that the
+    packed sequence's larger attention costs more than the padding saves (docs/performance.md).
     """
     import torch
 
     cache_name = cache_argument(trunk)
     if packed is None:
-        packed = trunk.config._attn_implementation in ("sdpa", "eager")
+        packed = trunk.config._attn_implementation in ("sdpa", "eager") and not (
+            input_ids.device.type == "cpu" and torch.is_autocast_enabled("cpu"))
     lengths = attention_mask.sum(1).tolist()
     ids = input_ids.tolist()
     groups: list[list] = []  # [rows, length of the prefix they share]
