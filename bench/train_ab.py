@@ -2,7 +2,8 @@
 
 A variant is ``NAME=JSON``: train-config fields (``{"dequantize_once": false}``) plus three code switches
 for changes that have no config field: ``"packed_tails": false`` runs the shared-prefix tails as padded
-rows over a repeated cache (before session 9), ``"fp32_adapter": false`` leaves the QLoRA adapter in
+rows over a repeated cache (before session 9; since session 12 the default under bf16 on a CPU) and
+``true`` packs them into one row, ``"fp32_adapter": false`` leaves the QLoRA adapter in
 TRL's bf16 (before session 7), ``"native_bf16": false`` computes in fp32 as on a CPU without native
 bf16. Each run records seconds, tokens/s and its losses; equal losses mean the two variants compute the
 same training. Writes ``bench/results/train_ab.json`` (or ``--out``).
@@ -45,8 +46,8 @@ def switched(settings: dict):
     saved = stage.shared_prefix_hidden, stage.keep_trainable_fp32, models.bf16_supported
     if settings.get("native_bf16") is False:
         models.bf16_supported = lambda: False
-    if settings.get("packed_tails") is False:
-        stage.shared_prefix_hidden = functools.partial(stage.shared_prefix_hidden, packed=False)
+    if "packed_tails" in settings:
+        stage.shared_prefix_hidden = functools.partial(stage.shared_prefix_hidden, packed=settings["packed_tails"])
     if settings.get("fp32_adapter") is False:
         stage.keep_trainable_fp32 = lambda model: None
     try:
