@@ -163,8 +163,7 @@ def plan(base: str, method: str = "qlora", r: int = 16, target_modules: list[str
         trainable, total = model.get_nb_trainable_parameters()
     result = Plan(base, method, trainable, total, batch_size, seq_len, gradient_checkpointing, device, dtype)
     wbytes = 2 if dtype == "bfloat16" else 4
-    # On a CPU without native bf16 agentpeft computes in fp32; bf16 activations only where asked for.
-    abytes = wbytes
+    abytes = wbytes  # activations in the compute dtype, as the weights
 
     base_model = model.get_base_model() if method != "full" else model
     lm_head = base_model.get_output_embeddings()

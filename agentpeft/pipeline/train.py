@@ -101,9 +101,9 @@ def train(base_dir: Path, dataset_dir: Path, out_dir: Path, cfg: TrainConfig, re
     if bf16 and not native_bf16:
         log("bf16 on hardware without native bf16 is emulated, slower than fp32")
     cast = bf16 and frozen_linears_to_bf16(model)
-    if cast and not cuda:
-        models.bound_onednn_caches()
     if cast:
+        if not cuda:
+            models.bound_onednn_caches()
         log("bf16: the base's linear layers copied to bf16; the adapter and the logits stay fp32")
     trainable, total = model.get_nb_trainable_parameters()
     log(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
