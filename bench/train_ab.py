@@ -1,11 +1,12 @@
 """Benchmark: two variants of the support-bot train stage, alternately (A B, B A, ...), same steps and data.
 
-A variant is ``NAME=JSON``: train-config fields (``{"dequantize_once": false}``) plus three code switches
+A variant is ``NAME=JSON``: train-config fields (``{"dequantize_once": false}``) plus four code switches
 for changes that have no config field: ``"packed_tails": false`` runs the shared-prefix tails as padded
 rows over a repeated cache (before session 9; since session 12 the default under bf16 on a CPU) and
 ``true`` packs them into one row, ``"fp32_adapter": false`` leaves the QLoRA adapter in
 TRL's bf16 (before session 7), ``"native_bf16": false`` computes in fp32 as on a CPU without native
-bf16. Each run records seconds, tokens/s and its losses; equal losses mean the two variants compute the
+bf16, ``"eager_attention": false`` keeps SDPA attention under bf16 on a CPU (before session 13). Each
+run records seconds, tokens/s and its losses; equal losses mean the two variants compute the
 same training. Writes ``bench/results/train_ab.json`` (or ``--out``).
 
     AGENTPEFT_HOME=/tmp/H python bench/train_ab.py --dataset $BUILD/data/dataset --steps 40 --rounds 3 \\
@@ -26,7 +27,7 @@ from pathlib import Path
 import psutil
 
 RESULTS = Path(__file__).parent / "results"
-SWITCHES = ("packed_tails", "fp32_adapter", "native_bf16")
+SWITCHES = ("packed_tails", "fp32_adapter", "native_bf16", "eager_attention")
 
 
 def variant(text: str) -> tuple[str, dict]:
@@ -43,7 +44,10 @@ def switched(settings: dict):
     from agentpeft import models
     from agentpeft.pipeline import train as stage
 
-    saved = stage.shared_prefix_hidden, stage.keep_trainable_fp32, models.bf16_supported
+    saved = (stage.shared_prefix_hidden, stage.keep_trainable_fp32, models.bf16_supported,
+             stage.eager_attention_on_cpu)
+    if settings.get("eager_attention") is False:
+        stage.eager_attention_on_cpu = lambda model: None
     if settings.get("native_bf16") is False:
         models.bf16_supported = lambda: False
     if "packed_tails" in settings:
@@ -53,7 +57,8 @@ def switched(settings: dict):
     try:
         yield stage
     finally:
-        stage.shared_prefix_hidden, stage.keep_trainable_fp32, models.bf16_supported = saved
+        (stage.shared_prefix_hidden, stage.keep_trainable_fp32, models.bf16_supported,
+         stage.eager_attention_on_cpu) = saved
 
 
 def run(base: Path, dataset: Path, recipe: str, steps: int, name: str, settings: dict, work: Path) -> dict:

@@ -295,6 +295,12 @@ def test_bf16_computes_the_base_in_bf16_and_keeps_the_adapter_fp32(tiny_base, da
     for name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
         monkeypatch.setenv(name, "")  # recorded, so that the test's end restores the process environment
         monkeypatch.delenv(name)
+    from agentpeft.pipeline import train as stage
+
+    attention = []
+    eager = stage.eager_attention_on_cpu
+    monkeypatch.setattr(stage, "eager_attention_on_cpu",
+                        lambda model: (eager(model), attention.append(model.config._attn_implementation)))
     runs = {}
     for bf16 in (False, True, False):
         out = tmp_path / f"bf16-{bf16}"
@@ -312,10 +318,26 @@ def test_bf16_computes_the_base_in_bf16_and_keeps_the_adapter_fp32(tiny_base, da
     assert runs[False][0].precision == "NF4 dequantized once to fp32 weights, fp32 compute, fp32 adapter"
     # bf16 training on a CPU bounds the matmul kernels oneDNN keeps per shape.
     assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == os.environ["LRU_CACHE_CAPACITY"] == "64"
+    # ... and runs attention as plain matmuls (in bf16 under autocast), in the bf16 run only.
+    assert attention == ["eager"]
     (fp32_losses, bf16_losses) = runs[False][1], runs[True][1]
     # The same training in another precision: close, not equal (bf16 keeps 8 significant bits).
     assert bf16_losses != fp32_losses
     assert bf16_losses == pytest.approx(fp32_losses, rel=0.02)
+
+
+def test_eager_attention_on_cpu_replaces_sdpa_only(tiny_base):
+    from agentpeft.models import load_model
+    from agentpeft.pipeline.train import eager_attention_on_cpu
+
+    model = load_model(tiny_base)
+    assert model.config._attn_implementation == "sdpa"
+    eager_attention_on_cpu(model)
+    assert model.config._attn_implementation == "eager"
+    assert all(layer.self_attn.config._attn_implementation == "eager" for layer in model.model.layers)
+    model.set_attn_implementation("flex_attention")
+    eager_attention_on_cpu(model)  # an implementation the user chose stays
+    assert model.config._attn_implementation == "flex_attention"
 
 
 def test_frozen_linears_to_bf16_leaves_the_adapter_head_and_4bit_layers(tiny_base):

@@ -104,6 +104,7 @@ def train(base_dir: Path, dataset_dir: Path, out_dir: Path, cfg: TrainConfig, re
     if cast:
         if not cuda:
             models.bound_onednn_caches()
+            eager_attention_on_cpu(model.get_base_model())
         log("bf16: the base's linear layers copied to bf16; the adapter and the logits stay fp32")
     trainable, total = model.get_nb_trainable_parameters()
     log(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
@@ -218,6 +219,13 @@ def frozen_linears_to_bf16(model) -> bool:
             module.weight.data = module.weight.data.to(torch.bfloat16)
             cast = True
     return cast
+
+
+def eager_attention_on_cpu(model) -> None:
+    """Attention as plain matmuls instead of SDPA's kernel: under bf16 autocast on a CPU they run in bf16,
+    while the CPU flash kernel's backward costs 3-4x its forward (docs/performance.md, "Eager attention")."""
+    if model.config._attn_implementation == "sdpa":
+        model.set_attn_implementation("eager")
 
 
 def plot_loss(history: list[dict], path: Path) -> None:
