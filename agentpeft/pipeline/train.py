@@ -223,7 +223,7 @@ def frozen_linears_to_bf16(model) -> bool:
 
 def eager_attention_on_cpu(model) -> None:
     """Attention as plain matmuls instead of SDPA's kernel: under bf16 autocast on a CPU they run in bf16,
-    while the CPU flash kernel's backward costs 3-4x its forward (docs/performance.md, "Eager attention")."""
+    while the CPU flash kernel's backward costs 3-4x its forward (docs/performance.md, "Eager attention under bf16")."""
     if model.config._attn_implementation == "sdpa":
         model.set_attn_implementation("eager")
 
