@@ -226,7 +226,7 @@ def general_pairs(documents, recipe):
     ``agentpeft/data/general_qa.jsonl`` (``bench/make_general_qa.py``): a pool written with the
     forgetting probe's candidates, kept only where neither question nor answer shares a question or
     key fact with the probe. (The base model's own answers, self-distillation, forgot more and trained
-    slower on support-bot: README, "Forgetting".)
+    slower on support-bot: docs/forgetting.md.)
     """
     import json
     import random
