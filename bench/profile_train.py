@@ -52,6 +52,7 @@ def main() -> None:
     from agentpeft.pipeline import train as stage
     from agentpeft.recipe import get_recipe
 
+    base = resolve_base(args.base)
     cfg = get_recipe(args.recipe).train
     cfg = cfg.model_copy(update={"max_steps": args.warmup + args.steps, "save_steps": 10_000})
     prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True)
@@ -69,13 +70,13 @@ def main() -> None:
     stage._progress_callback = Window
     try:
         with tempfile.TemporaryDirectory() as work:
-            result = stage.train(resolve_base(args.base), args.dataset, Path(work), cfg, log=lambda *_: None)
+            result = stage.train(base, args.dataset, Path(work), cfg, log=lambda *_: None)
     finally:
         stage._progress_callback = saved
 
     from transformers import AutoConfig
 
-    vocab = AutoConfig.from_pretrained(resolve_base(args.base)).vocab_size
+    vocab = AutoConfig.from_pretrained(base).vocab_size
     groups: collections.Counter = collections.Counter()
     calls: collections.Counter = collections.Counter()
     for event in prof.key_averages(group_by_input_shape=True):
