@@ -26,14 +26,15 @@ from transformers import TrainerCallback
 RESULTS = Path(__file__).parent / "results"
 
 
-def category(name: str, shapes: list, rank: int, vocab: int) -> str:
-    """The group an operator's time is counted in."""
+def category(name: str, shapes: list, adapter_dims: set[int], vocab: int) -> str:
+    """The group an operator's time is counted in: a matmul with a side in ``adapter_dims`` (the rank, or
+    the ranks of layers fused by ``train.fuse_shared_inputs`` added up) is the adapter's."""
     if name != "aten::mm":
         return name
     dims = {d for shape in shapes for d in shape}
     if vocab in dims:
         return "mm: LM head"
-    if rank in dims:
+    if adapter_dims & dims:
         return "mm: LoRA adapter"
     return "mm: base model"
 
@@ -77,10 +78,12 @@ def main() -> None:
     from transformers import AutoConfig
 
     vocab = AutoConfig.from_pretrained(base).vocab_size
+    fused = max(map(len, stage.SHARED_INPUT_SETS)) if cfg.fuse_shared_inputs else 1
+    adapter_dims = {cfg.r * n for n in range(1, fused + 1)}
     groups: collections.Counter = collections.Counter()
     calls: collections.Counter = collections.Counter()
     for event in prof.key_averages(group_by_input_shape=True):
-        key = category(event.key, [s for s in event.input_shapes if s], cfg.r, vocab)
+        key = category(event.key, [s for s in event.input_shapes if s], adapter_dims, vocab)
         groups[key] += event.self_cpu_time_total
         calls[key] += event.count
     total = sum(groups.values())
