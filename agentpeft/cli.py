@@ -59,7 +59,7 @@ TRAIN_OPTIONS = (
                  help="Compute the frozen base in bf16, adapter and logits in fp32 (default: where the hardware has "
                       "native bf16)."),
     click.option("--fuse-shared-inputs/--no-fuse-shared-inputs", default=None,
-                 help="Run q/k/v and gate/up, with their LoRA adapters, as one matmul each (default: on)."),
+                 help="Run q/k/v and gate/up, with their LoRA adapters, as one matmul each (default: off)."),
     click.option("--seed", type=int, help="Random seed."),
     click.option("--save-steps", type=int, help="Checkpoint every N steps (what --resume continues from)."),
     click.option("--report-to", type=click.Choice(["none", "tensorboard", "wandb"]), multiple=True,
