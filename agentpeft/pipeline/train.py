@@ -289,8 +289,6 @@ class _SharedInput:
         if [b.weight.data_ptr() for b in self.bases] != self.pointers:  # moved or replaced since: join them again
             self._concatenate()
         y = F.linear(x, self.weight)
-        if not adapters:
-            return y.split(self.sizes, dim=-1)
         a = torch.cat([layer.lora_A[name].weight for layer, name in adapters])
         xa = x.to(a.dtype)  # peft runs each adapter in its weights' dtype
         if all(isinstance(layer.lora_dropout[name], torch.nn.Identity) for layer, name in adapters):
