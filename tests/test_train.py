@@ -359,7 +359,7 @@ def test_frozen_linears_to_bf16_leaves_the_adapter_head_and_4bit_layers(tiny_bas
 
 
 def _lora_model(tiny_base, targets, dropout=0.0, bf16=False):
-    """A LoRA model over the tiny base with nonzero adapters (peft starts B at zero)."""
+    """A LoRA model over the tiny base with nonzero adapters (peft starts B at zero unless told not to)."""
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -368,10 +368,8 @@ def _lora_model(tiny_base, targets, dropout=0.0, bf16=False):
 
     torch.manual_seed(0)
     model = get_peft_model(load_model(tiny_base), LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
-                                                             target_modules=targets, task_type="CAUSAL_LM"))
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.05)
+                                                             target_modules=targets, init_lora_weights=False,
+                                                             task_type="CAUSAL_LM"))
     if bf16:
         frozen_linears_to_bf16(model)
     return model
