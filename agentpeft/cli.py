@@ -46,6 +46,7 @@ TRAIN_OPTIONS = (
     click.option("--target-modules", help="Comma-separated module names, or all-linear."),
     click.option("--epochs", type=float, help="Training epochs."),
     click.option("--lr", type=float, help="Peak learning rate."),
+    click.option("--loraplus-lr-ratio", type=float, help="LoRA+: the B matrices' learning rate over --lr (1: off)."),
     click.option("--max-steps", type=int, help="Stop after N optimizer steps (overrides --epochs)."),
     click.option("--batch-size", type=int, help="Examples per device step."),
     click.option("--grad-accum", type=int, help="Gradient-accumulation steps."),

@@ -58,6 +58,8 @@ class TrainConfig(_Strict):
     epochs: float = Field(3.0, gt=0)
     max_steps: int = Field(-1, ge=-1, description="-1: run the epochs; 0: save the adapter untrained")
     lr: float = Field(1e-3, gt=0)
+    loraplus_lr_ratio: float = Field(1.0, ge=1, description=(
+        "LoRA+: the B matrices learn at this multiple of lr (the A matrices at lr); 1: plain LoRA"))
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
     max_seq_len: int = Field(256, ge=16)

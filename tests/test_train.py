@@ -53,12 +53,13 @@ def test_method_trains_loads_and_generates(method, tiny_base, dataset, tmp_path)
             merge(tiny_base, result.adapter_dir, tmp_path / "merged")
 
 
-def test_resume_continues_from_the_last_checkpoint(tiny_base, dataset, tmp_path):
-    train(tiny_base, dataset, tmp_path, _cfg(max_steps=2, save_steps=1, method="lora"))
+@pytest.mark.parametrize("loraplus", [1.0, 4.0])
+def test_resume_continues_from_the_last_checkpoint(tiny_base, dataset, tmp_path, loraplus):
+    train(tiny_base, dataset, tmp_path, _cfg(max_steps=2, save_steps=1, method="lora", loraplus_lr_ratio=loraplus))
     assert (tmp_path / "checkpoints" / "checkpoint-2").is_dir()
     logs = []
-    result = train(tiny_base, dataset, tmp_path, _cfg(max_steps=4, save_steps=1, method="lora"), resume=True,
-                   log=logs.append)
+    result = train(tiny_base, dataset, tmp_path, _cfg(max_steps=4, save_steps=1, method="lora",
+                                                      loraplus_lr_ratio=loraplus), resume=True, log=logs.append)
     assert any(line.startswith("resuming from") and line.endswith("checkpoint-2") for line in logs)
     assert result.steps == 4
     steps = [json.loads(line).get("step") for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
@@ -472,3 +473,24 @@ def test_train_with_fused_shared_inputs_takes_the_same_steps(method, tiny_base, 
     assert adapters[True].keys() == adapters[False].keys()
     for name, weight in adapters[False].items():
         torch.testing.assert_close(adapters[True][name], weight, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("ratio", [1.0, 4.0])
+def test_loraplus_steps_the_b_matrices_at_ratio_times_the_lr(ratio, tiny_base, dataset, tmp_path):
+    from safetensors.torch import load_file
+
+    logs = []
+    train(tiny_base, dataset, tmp_path, _cfg(method="lora", max_steps=1, lr=1e-3, warmup_ratio=0.0, bf16=False,
+                                             loraplus_lr_ratio=ratio), log=logs.append)
+    assert any(line.startswith("LoRA+: B matrices at 4x") for line in logs) == (ratio > 1)
+    adapter = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    # Adam's first step moves each weight with a nonzero gradient by the lr; B starts at zero and A, behind a
+    # zero B, gets no gradient yet.
+    b = max(w.abs().max().item() for name, w in adapter.items() if "lora_B" in name)
+    assert b == pytest.approx(ratio * 1e-3, rel=1e-3)
+
+
+def test_loraplus_on_prefix_tuning_is_a_clear_error(tiny_base, dataset, tmp_path):
+    with pytest.raises(AgentpeftError, match="--loraplus-lr-ratio applies to qlora, lora and dora, not prefix"):
+        train(tiny_base, dataset, tmp_path, _cfg(method="prefix", loraplus_lr_ratio=4.0))
+    assert not any(tmp_path.iterdir())

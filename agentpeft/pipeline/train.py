@@ -64,6 +64,8 @@ def train(base_dir: Path, dataset_dir: Path, out_dir: Path, cfg: TrainConfig, re
     for logger in set(cfg.report_to) - {"none"}:
         if importlib.util.find_spec(logger) is None:
             raise AgentpeftError(f"--report-to {logger} needs the {logger} package; pip install {logger}")
+    if cfg.loraplus_lr_ratio > 1 and cfg.method not in MERGEABLE:
+        raise AgentpeftError(f"--loraplus-lr-ratio applies to qlora, lora and dora, not {cfg.method}; drop it")
     torch.manual_seed(cfg.seed)
     train_set = load_from_disk(str(dataset_dir))["train"]
     if cfg.padding_free and "n_tokens" in train_set.column_names:
@@ -152,6 +154,8 @@ def train(base_dir: Path, dataset_dir: Path, out_dir: Path, cfg: TrainConfig, re
     trainer = trainer_cls(model=model, args=args, train_dataset=train_set.select_columns(columns),
                           processing_class=tokenizer)
     keep_trainable_fp32(model)
+    if cfg.loraplus_lr_ratio > 1:
+        trainer.optimizer = loraplus_optimizer(trainer, cfg.loraplus_lr_ratio, log)
     weights = "NF4 dequantized once to fp32" if dense else "NF4 4-bit" if quantized else "fp32"
     weights += " weights (linear layers copied to bf16)" if cast else " weights"
     compute = "bf16" if args.bf16 or nf4_compute == torch.bfloat16 else "fp32"
@@ -188,6 +192,16 @@ def train(base_dir: Path, dataset_dir: Path, out_dir: Path, cfg: TrainConfig, re
     plot_loss(history, out_dir / "loss_curve.png")
     return TrainResult(adapter_dir, trainer.state.global_step, losses[-1] if losses else None, seconds, trainable, total,
                        int(max((r.get("num_tokens", 0) for r in history), default=0)), precision, device)
+
+
+def loraplus_optimizer(trainer, ratio: float, log=print):
+    """The trainer's optimizer with LoRA+ groups: each B matrix (and DoRA magnitude) at ``ratio`` times the lr."""
+    from peft.optimizers import create_loraplus_optimizer
+
+    cls, kwargs = trainer.get_optimizer_cls_and_kwargs(trainer.args, trainer.model)
+    log(f"LoRA+: B matrices at {ratio:g}x the learning rate")
+    return create_loraplus_optimizer(trainer.model, cls, loraplus_lr_ratio=ratio,
+                                     loraplus_weight_decay=trainer.args.weight_decay, **kwargs)
 
 
 def keep_trainable_fp32(model) -> None:
