@@ -68,6 +68,28 @@ TRAIN_OPTIONS = (
 )
 
 
+DATA_MIX_OPTIONS = (
+    click.option("--train-phrasings", type=int, help="Question phrasings per fact in train (the recipe's data mix)."),
+    click.option("--general", type=int, help="General-knowledge pairs mixed into train against forgetting."),
+)
+
+
+def _data_mix(options: dict) -> dict:
+    """Take the data-mix options out of ``options`` (the rest are training overrides)."""
+    return {name: options.pop(name) for name in ("train_phrasings", "general")}
+
+
+def _with_options(command, options):
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def data_mix_options(command):
+    """The data-mix options (build, train, data)."""
+    return _with_options(command, DATA_MIX_OPTIONS)
+
+
 ALLOW_PICKLE_HELP = ("Also load weights stored as pickles (.bin/.pt), which can run code: "
                      "only for checkpoints you trust. Safetensors are always preferred.")
 
@@ -90,19 +112,18 @@ STRICT_OPTION = click.option("--strict", is_flag=True, default=None,
 
 def recipe_run_options(command):
     """The options of the commands that run a recipe's stages (build, train)."""
-    for option in reversed((
+    return _with_options(command, (
         click.argument("recipe"),
         click.option("--kb", type=click.Path(), help="Knowledge-base folder or file (default: the recipe's own)."),
         click.option("--name", help="Register under this name (default: the recipe's name)."),
         click.option("--base", help="Base model: an alias (smollm2-135m), a local folder or a hub id."),
+        *DATA_MIX_OPTIONS,
         *TRAIN_OPTIONS,
         click.option("--resume", is_flag=True,
                      help="Continue the last unfinished build of this name from its last checkpoint."),
         click.option("--quiet", is_flag=True, help="No progress bars."),
         click.option("--allow-pickle", is_flag=True, help=ALLOW_PICKLE_HELP),
-    )):
-        command = option(command)
-    return command
+    ))
 
 
 @cli.command()
@@ -116,7 +137,7 @@ def build(recipe, kb, name, base, resume, allow_regression, quiet, judge, eval_l
 
     result = run_build(recipe, kb=kb, name=name, base=base, allow_regression=allow_regression, resume=resume,
                        show_progress=not quiet, log=click.echo, judge=judge, eval_limit=eval_limit,
-                       allow_pickle=allow_pickle, **_train_overrides(train))
+                       allow_pickle=allow_pickle, data_mix=_data_mix(train), **_train_overrides(train))
     click.echo("\n" + result.eval.table())
     if result.version is None:
         sys.exit(2)
@@ -131,7 +152,8 @@ def train(recipe, kb, name, base, resume, quiet, allow_pickle, **train):
     from .pipeline.build import train_recipe
 
     result = train_recipe(recipe, kb=kb, name=name, base=base, resume=resume, show_progress=not quiet,
-                          log=click.echo, allow_pickle=allow_pickle, **_train_overrides(train))
+                          log=click.echo, allow_pickle=allow_pickle, data_mix=_data_mix(train),
+                          **_train_overrides(train))
     click.echo(f"adapter: {result.train.adapter_dir}")
 
 
@@ -146,14 +168,15 @@ def train(recipe, kb, name, base, resume, quiet, allow_pickle, **train):
 @click.option("--no-cache", is_flag=True, help="Rebuild even if an identical dataset is cached.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @STRICT_OPTION
-def data(recipe, kb, out, base, teacher, preview, no_cache, quiet, strict):
+@data_mix_options
+def data(recipe, kb, out, base, teacher, preview, no_cache, quiet, strict, **mix):
     """Run only ingest and the dataset stage of RECIPE: pairs, filters, split, card."""
     from .pipeline.dataset import make_dataset
     from .progress import set_enabled
 
     set_enabled(not quiet)
     result = make_dataset(recipe, kb=kb, out=out, base=base, teacher=teacher, cache=not no_cache, strict=strict,
-                          log=click.echo,
+                          data_mix=_data_mix(mix), log=click.echo,
                           on_stage=lambda stage, summary: click.echo(f"{stage}: {summary}"))
     folder = result.path.parent
     click.echo(f"wrote {folder} (DatasetDict in dataset/, train.jsonl, eval.jsonl, dataset_card.md, token_lengths.png)")

@@ -200,23 +200,32 @@ def get_recipe(name: str) -> Recipe:
 
 
 def configure(recipe: str | Recipe, kb: str | Path | None = None, base: str | None = None,
-              strict: bool | None = None, **train_overrides) -> Recipe:
-    """The recipe with command-line overrides applied (``train_overrides`` are TrainConfig fields;
-    ``strict`` fails on unreadable knowledge-base files instead of skipping them)."""
+              strict: bool | None = None, data_mix: dict | None = None, **train_overrides) -> Recipe:
+    """The recipe with command-line overrides applied (``train_overrides`` are TrainConfig fields,
+    ``data_mix`` DataConfig fields such as ``general`` and ``train_phrasings``; ``strict`` fails on
+    unreadable knowledge-base files instead of skipping them). ``None`` values leave the recipe's own."""
     recipe = recipe if isinstance(recipe, Recipe) else get_recipe(recipe)
-    over = {k: v for k, v in train_overrides.items() if v is not None}
-    try:
-        train_cfg = TrainConfig(**{**recipe.train.model_dump(), **over})
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise AgentpeftError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
-    update: dict = {"train": train_cfg}
+    if (data_mix or {}).get("general") is not None and "general" not in recipe.data.generators:
+        raise AgentpeftError(f"--general: recipe {recipe.name!r} mixes no general pairs (no 'general' in "
+                             "data.generators); drop --general or add the generator to the recipe")
+    update: dict = {"train": _overridden(recipe.train, train_overrides),
+                    "data": _overridden(recipe.data, {**(data_mix or {}), "strict": strict or None})}
     if kb is not None and not str(kb).strip():
         raise AgentpeftError("--kb is empty; pass a knowledge-base folder or file")
     if kb is not None:
         update["knowledge_base"] = Path(kb).resolve()
     if base is not None:
         update["base_model"] = base
-    if strict:
-        update["data"] = recipe.data.model_copy(update={"strict": True})
     return recipe.model_copy(update=update)
+
+
+def _overridden(config: BaseModel, overrides: dict) -> BaseModel:
+    """``config`` with the non-None ``overrides`` applied and validated; an invalid one names its option."""
+    over = {k: v for k, v in overrides.items() if v is not None}
+    if not over:
+        return config
+    try:
+        return type(config)(**{**config.model_dump(), **over})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise AgentpeftError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None

@@ -449,6 +449,21 @@ def test_data_command_writes_dataset_card_and_previews(tmp_path, tiny_base, home
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+def test_data_mix_options_change_the_mix_and_the_cache_key(tmp_path, tiny_base, home):
+    cards = {}
+    for mix in ([], ["--train-phrasings", "1", "--general", "40"]):
+        out = tmp_path / ("mix" if mix else "recipe")
+        result = CliRunner().invoke(cli, ["data", "support-bot", "--base", str(tiny_base), "--out", str(out),
+                                          "--preview", "0", "--quiet", *mix])
+        assert result.exit_code == 0, result.output
+        cards[bool(mix)] = json.loads((out / "dataset_card.json").read_text())
+    recipe, mix = cards[False], cards[True]
+    assert mix["facts"] == recipe["facts"] and mix["splits"]["eval"] == recipe["splits"]["eval"]
+    assert mix["train_only"] == 40 and recipe["train_only"] == 200
+    assert mix["splits"]["train"] == mix["facts"] + 40  # one phrasing per fact instead of the recipe's two
+    assert mix["hash"] != recipe["hash"]
+
+
 def test_data_command_fails_cleanly_on_a_kb_without_pairs(tmp_path, tiny_base, home):
     kb = tmp_path / "kb"
     kb.mkdir()

@@ -89,11 +89,12 @@ def _exclusive(run: Callable[..., BuildResult]) -> Callable[..., BuildResult]:
 def build(recipe: str | Recipe, kb: str | Path | None = None, name: str | None = None,
           base: str | None = None, allow_regression: bool = False, resume: bool = False,
           show_progress: bool = True, log: Callable[[str], None] = print, until: str = "register",
-          judge: str | None = None, eval_limit: int | None = None,
+          judge: str | None = None, eval_limit: int | None = None, data_mix: dict | None = None,
           **train_overrides) -> BuildResult:
     """ingest -> dataset -> train -> evaluate -> merge -> register, each stage summarized in one line.
 
-    ``train_overrides`` are TrainConfig fields (epochs, max_steps, method, r, lr, ...);
+    ``train_overrides`` are TrainConfig fields (epochs, max_steps, method, r, lr, ...), ``data_mix``
+    DataConfig fields (general, train_phrasings, ...);
     ``resume`` continues the name's last unfinished build from its last checkpoint;
     ``until="train"`` stops after training (what ``agentpeft train`` runs); ``judge`` names a chat
     model that also grades the held-out replies (reported, never gating); ``eval_limit`` evaluates a
@@ -102,7 +103,7 @@ def build(recipe: str | Recipe, kb: str | Path | None = None, name: str | None =
     if until not in ("train", "register"):
         raise AgentpeftError(f"until must be 'train' or 'register', not {until!r}")
     set_enabled(show_progress)
-    recipe = configure(recipe, kb, base, **train_overrides)
+    recipe = configure(recipe, kb, base, data_mix=data_mix, **train_overrides)
     if eval_limit is not None:
         recipe = recipe.model_copy(update={"eval": recipe.eval.model_copy(update={"max_questions": eval_limit})})
     name = check_name(name or recipe.name)

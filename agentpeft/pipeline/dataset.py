@@ -629,20 +629,21 @@ def _copy_dir(src: Path, out_dir: Path) -> None:
 
 def make_dataset(recipe: "str | Recipe", kb: str | Path | None = None, out: str | Path | None = None,
                  base: str | None = None, teacher: Any = None, *, cache: bool = True, strict: bool | None = None,
-                 log: Callable[[str], None] = print,
+                 data_mix: dict | None = None, log: Callable[[str], None] = print,
                  on_stage: Callable[[str, str], None] | None = None) -> DatasetResult:
     """Run ingest and the dataset stage for a recipe: the ``agentpeft data`` verb, also used by ``build``.
 
     ``teacher`` is a model name, ``base``, a provider string (``openai:gpt-4o-mini``) or a LangChain
     chat model. With ``cache`` an unchanged knowledge base and unchanged settings reuse the dataset
     cached under ``AGENTPEFT_HOME/cache/datasets/<hash>/``. ``on_stage(stage, summary)`` is called
-    after ingest and after the dataset stage. ``strict`` fails on unreadable files instead of skipping them.
+    after ingest and after the dataset stage. ``strict`` fails on unreadable files instead of skipping them;
+    ``data_mix`` overrides DataConfig fields (general, train_phrasings, ...).
     """
     from ..models import load_tokenizer, resolve_base
     from ..recipe import configure
     from .ingest import ingest
 
-    recipe = configure(recipe, kb, base, strict)
+    recipe = configure(recipe, kb, base, strict, data_mix)
     if recipe.kb_path is None:
         raise AgentpeftError(f"recipe {recipe.name!r} has no knowledge base; pass --kb PATH")
     model_object = teacher is not None and not isinstance(teacher, str)
