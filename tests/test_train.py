@@ -494,3 +494,22 @@ def test_loraplus_on_prefix_tuning_is_a_clear_error(tiny_base, dataset, tmp_path
     with pytest.raises(AgentpeftError, match="--loraplus-lr-ratio applies to qlora, lora and dora, not prefix"):
         train(tiny_base, dataset, tmp_path, _cfg(method="prefix", loraplus_lr_ratio=4.0))
     assert not any(tmp_path.iterdir())
+
+
+def test_loraplus_optimizer_puts_each_a_at_the_lr_and_each_b_at_ratio_times_it(tiny_base, tmp_path):
+    from types import SimpleNamespace
+
+    from transformers import Trainer, TrainingArguments
+
+    from agentpeft.pipeline.train import loraplus_optimizer
+
+    model = _lora_model(tiny_base, "all-linear")
+    args = TrainingArguments(output_dir=str(tmp_path), learning_rate=1e-3, weight_decay=0.0, use_cpu=True,
+                             report_to="none")
+    trainer = SimpleNamespace(model=model, args=args, get_optimizer_cls_and_kwargs=Trainer.get_optimizer_cls_and_kwargs)
+    optimizer = loraplus_optimizer(trainer, 4.0, log=lambda line: None)
+    lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    assert len(lr_of) == sum(len(g["params"]) for g in optimizer.param_groups) == len(trainable)
+    for name, p in trainable.items():
+        assert lr_of[id(p)] == pytest.approx(4e-3 if "lora_B" in name else 1e-3), name
