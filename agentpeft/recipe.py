@@ -208,8 +208,10 @@ def configure(recipe: str | Recipe, kb: str | Path | None = None, base: str | No
     if (data_mix or {}).get("general") is not None and "general" not in recipe.data.generators:
         raise AgentpeftError(f"--general: recipe {recipe.name!r} mixes no general pairs (no 'general' in "
                              "data.generators); drop --general or add the generator to the recipe")
-    update: dict = {"train": _overridden(recipe.train, train_overrides),
-                    "data": _overridden(recipe.data, {**(data_mix or {}), "strict": strict or None})}
+    train = _overridden(recipe.train, train_overrides)
+    if train.loraplus_lr_ratio > 1 and train.method in ("prefix", "prompt"):
+        raise AgentpeftError(f"--loraplus-lr-ratio applies to qlora, lora and dora, not {train.method}; drop it")
+    update: dict = {"train": train, "data": _overridden(recipe.data, {**(data_mix or {}), "strict": strict or None})}
     if kb is not None and not str(kb).strip():
         raise AgentpeftError("--kb is empty; pass a knowledge-base folder or file")
     if kb is not None:

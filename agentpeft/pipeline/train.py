@@ -64,8 +64,6 @@ def train(base_dir: Path, dataset_dir: Path, out_dir: Path, cfg: TrainConfig, re
     for logger in set(cfg.report_to) - {"none"}:
         if importlib.util.find_spec(logger) is None:
             raise AgentpeftError(f"--report-to {logger} needs the {logger} package; pip install {logger}")
-    if cfg.loraplus_lr_ratio > 1 and cfg.method not in MERGEABLE:
-        raise AgentpeftError(f"--loraplus-lr-ratio applies to qlora, lora and dora, not {cfg.method}; drop it")
     torch.manual_seed(cfg.seed)
     train_set = load_from_disk(str(dataset_dir))["train"]
     if cfg.padding_free and "n_tokens" in train_set.column_names:
