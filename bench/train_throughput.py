@@ -20,7 +20,10 @@ FLOPs per token as ``2N`` forward + ``2N`` backward (input gradients through the
 ``6 N_adapter`` (forward, input and weight gradients of the adapters), where ``N`` is the number of weights
 used in matmuls (every linear layer, lm_head included); full fine-tuning is the usual ``6N``. Recomputation
 by gradient checkpointing is not counted (model FLOPs, not hardware FLOPs); attention's ``L^2`` term is
-left out (sequences here are under 200 tokens, where it is below 2% of the total).
+left out (sequences here are under 200 tokens, where it is below 2% of the total). Those model FLOPs are
+counted per row for every side, as the baseline computes them. agentpeft's runs also report
+``executed_flops`` and ``mfu_bf16_executed``: the same products over the work its train stage cannot skip,
+the trunk on each shared prompt prefix once per batch and the LM head on the answer positions only.
 
     OMP_NUM_THREADS=2 python bench/train_throughput.py --steps 20 --rounds 2
 """
@@ -61,12 +64,13 @@ def build_data(base: Path, out: Path) -> Path:
 
 
 class TokenCounter:
-    """Counts the non-padding and answer tokens of every training batch (padded or packed)."""
+    """Counts the non-padding and answer tokens of every training batch (padded or packed), and the
+    tokens left when the prompt prefix that rows of a batch share is counted once (``unique``)."""
 
     def __init__(self, tokenizer):
         self.start_id = tokenizer.convert_tokens_to_ids("<|im_start|>")
         self.header = tokenizer("assistant\n", add_special_tokens=False)["input_ids"]
-        self.tokens = self.answer = self.steps = 0
+        self.tokens = self.answer = self.unique = self.steps = 0
         self.batch_shapes: list[list[int]] = []
 
     def __call__(self, inputs: dict) -> None:
@@ -79,7 +83,12 @@ class TokenCounter:
         for row, m in zip(rows, masks):
             real = [t for t, keep in zip(row, m) if keep]
             self.tokens += len(real)
+            self.unique += len(real)
             self.answer += self._answer_tokens(real)
+        if mask is not None:
+            from agentpeft.pipeline.train import prefix_groups
+
+            self.unique -= sum((len(rows) - 1) * shared for rows, shared in prefix_groups(ids, mask))
 
     def _answer_tokens(self, row: list[int]) -> int:
         count, inside, k, h = 0, False, 0, len(self.header)
@@ -222,13 +231,26 @@ def child(side: str, base: Path, data: Path, steps: int, overrides: dict, evalua
             adapter, seconds, logged = run_baseline(base, data, Path(tmp), steps)
         peak = peak_memory_gib()
         loss = round(answer_loss(base, adapter, data), 4) if evaluate else None
-    frozen, adapters = matmul_flops(meta_model(AutoConfig.from_pretrained(str(base)), "lora", HYPER["r"],
-                                               HYPER["alpha"], HYPER["target_modules"]))
+    model = meta_model(AutoConfig.from_pretrained(str(base)), "lora", HYPER["r"], HYPER["alpha"],
+                       HYPER["target_modules"])
+    frozen, adapters = matmul_flops(model)
     flops = counter.tokens * (4 * frozen + 6 * adapters)
+    executed = None
+    if side.startswith("agentpeft"):
+        # The work the train stage cannot skip: the trunk on each shared prefix once (when it shares them),
+        # the LM head on the answer positions only; padding and gradient-checkpointing recomputation not counted.
+        from agentpeft.recipe import configure
+
+        cfg = configure("support-bot", **{**HYPER, **overrides}).train
+        trunk_tokens = counter.unique if cfg.share_prefix and not cfg.gradient_checkpointing else counter.tokens
+        head = model.get_output_embeddings().weight.numel()
+        executed = trunk_tokens * (4 * (frozen - head) + 6 * adapters) + counter.answer * 4 * head
     return {"side": side, "steps": counter.steps, "seconds": round(seconds, 2), "tokens": counter.tokens,
-            "answer_tokens": counter.answer, "tokens_per_second": round(counter.tokens / seconds, 1),
+            "answer_tokens": counter.answer, "unique_tokens": counter.unique,
+            "tokens_per_second": round(counter.tokens / seconds, 1),
             "answer_tokens_per_second": round(counter.answer / seconds, 1), "logged_final_loss": round(logged, 4),
             "answer_loss": loss, "peak_memory_gib": round(peak, 3), "model_flops": flops, "flops_per_second": flops / seconds,
+            "executed_flops": executed, "executed_flops_per_second": executed / seconds if executed else None,
             "threads": torch.get_num_threads(), "batch_shapes": counter.batch_shapes}
 
 
@@ -283,6 +305,9 @@ def benchmark(base: Path, data: Path, steps: int, rounds: int, overrides: dict, 
             "answer_loss": statistics.median(r["answer_loss"] for r in mine) if evaluate else None,
             "peak_memory_gib": max(r["peak_memory_gib"] for r in mine),
             "mfu_fp32": round(fps / peaks["float32"], 4), "mfu_bf16": round(fps / peaks["bfloat16"], 4)}
+        if all(r.get("executed_flops_per_second") for r in mine):
+            executed = statistics.median(r["executed_flops_per_second"] for r in mine)
+            summary[side]["mfu_bf16_executed"] = round(executed / peaks["bfloat16"], 4)
     return {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores", "model": str(base.name), "steps": steps,

@@ -19,4 +19,9 @@ def test_gpu_train_benchmark_runs_small_on_cpu(home, tmp_path):
     for run in result["runs"]:
         assert run["steps"] == 2 and run["tokens"] > run["answer_tokens"] > 0
         assert run["peak_memory_gib"] > 0 and run["tokens_per_second"] > 0
+    ours, baseline = result["runs"]
+    # Executed FLOPs count each shared prompt prefix once and the LM head on answer positions only.
+    assert ours["answer_tokens"] < ours["unique_tokens"] < ours["tokens"]
+    assert 0 < ours["executed_flops"] < ours["model_flops"] and baseline["executed_flops"] is None
+    assert 0 < result["summary"]["agentpeft"]["mfu_bf16_executed"] < result["summary"]["agentpeft"]["mfu_bf16"]
     assert result["ratio_tokens_per_second"] > 0 and result["device"].startswith("CPU")

@@ -188,7 +188,7 @@ def test_shared_prefix_forward_equals_the_full_forward(tiny_base, attention, pac
     from peft import LoraConfig, get_peft_model
 
     from agentpeft.models import load_model
-    from agentpeft.pipeline.train import shared_prefix_hidden
+    from agentpeft.pipeline.train import prefix_groups, shared_prefix_hidden
 
     tokenizer = load_tokenizer(tiny_base)
     tokenizer.padding_side = "right"
@@ -198,6 +198,13 @@ def test_shared_prefix_forward_equals_the_full_forward(tiny_base, attention, pac
     chats += [[{"role": "system", "content": "Other."}, {"role": "user", "content": "Alone"}]]
     enc = tokenizer([tokenizer.apply_chat_template(c, tokenize=False) for c in chats], return_tensors="pt",
                     padding=True, add_special_tokens=False)
+    groups = prefix_groups(enc["input_ids"], enc["attention_mask"])
+    prefix = len(tokenizer.apply_chat_template(system, tokenize=False))  # characters: an upper bound on tokens
+    assert [(rows, bool(shared)) for rows, shared in groups] == [([0, 1, 2], True), ([3], False), ([4], False),
+                                                                ([5], False)]
+    ids, shared = enc["input_ids"], groups[0][1]
+    assert 8 <= shared <= prefix and bool((ids[:3, :shared] == ids[0, :shared]).all())
+    assert bool((ids[1:3, shared] != ids[0, shared]).any())  # the longest prefix the three share
     torch.manual_seed(0)
     model = get_peft_model(load_model(tiny_base), LoraConfig(r=4, target_modules="all-linear",
                                                               init_lora_weights=False, task_type="CAUSAL_LM"))

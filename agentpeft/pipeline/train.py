@@ -523,24 +523,11 @@ def shared_prefix_hidden(trunk, input_ids, attention_mask, min_prefix: int = 8, 
         packed = trunk.config._attn_implementation in ("sdpa", "eager") and not (
             input_ids.device.type == "cpu" and torch.is_autocast_enabled("cpu"))
     lengths = attention_mask.sum(1).tolist()
-    ids = input_ids.tolist()
-    groups: list[list] = []  # [rows, length of the prefix they share]
-    for row, n in enumerate(lengths):
-        for group in groups:
-            leader = group[0][0]
-            limit = min(group[1], n - 1)
-            common = next((i for i in range(limit) if ids[row][i] != ids[leader][i]), limit)
-            if common >= min_prefix:
-                group[0].append(row)
-                group[1] = common
-                break
-        else:
-            groups.append([[row], n - 1])
     width = input_ids.size(1)
     parts, order = [], []
-    for rows, shared in groups:
+    for rows, shared in prefix_groups(input_ids, attention_mask, min_prefix):
         index = torch.tensor(rows, device=input_ids.device)
-        if len(rows) == 1 or shared < min_prefix:
+        if not shared:
             parts.append(trunk(input_ids=input_ids[index], attention_mask=attention_mask[index],
                                use_cache=False).last_hidden_state)
         else:
@@ -565,6 +552,27 @@ def shared_prefix_hidden(trunk, input_ids, attention_mask, min_prefix: int = 8, 
         order += rows
     hidden = torch.cat(parts)
     return hidden[torch.argsort(torch.tensor(order, device=hidden.device))]
+
+
+def prefix_groups(input_ids, attention_mask, min_prefix: int = 8) -> list[tuple[list[int], int]]:
+    """The rows of a right-padded batch grouped by their common leading tokens: ``(rows, shared)`` pairs,
+    ``shared`` being the length of the prefix the group runs once (0 for a row that shares none with
+    another: it runs whole). Every row keeps at least one token of its own."""
+    lengths = attention_mask.sum(1).tolist()
+    ids = input_ids.tolist()
+    groups: list[list] = []  # [rows, length of the prefix they share]
+    for row, n in enumerate(lengths):
+        for group in groups:
+            leader = group[0][0]
+            limit = min(group[1], n - 1)
+            common = next((i for i in range(limit) if ids[row][i] != ids[leader][i]), limit)
+            if common >= min_prefix:
+                group[0].append(row)
+                group[1] = common
+                break
+        else:
+            groups.append([[row], n - 1])
+    return [(rows, shared if len(rows) > 1 and shared >= min_prefix else 0) for rows, shared in groups]
 
 
 def _packed_tail_mask(prefix: int, tails: list[int], dtype, device, implementation: str):
