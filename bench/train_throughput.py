@@ -24,6 +24,9 @@ left out (sequences here are under 200 tokens, where it is below 2% of the total
 counted per row for every side, as the baseline computes them. agentpeft's runs also report
 ``executed_flops`` and ``mfu_bf16_executed``: the same products over the work its train stage cannot skip,
 the trunk on each shared prompt prefix once per batch and the LM head on the answer positions only.
+``layer_matmul_gflops`` times one decoder layer's own matmuls (forward and input-gradient products) at
+the rows a step feeds them (tokens per step, with and without the shared prefix counted once): the rate
+matmuls of this model's sizes reach here, set against the square-matmul peak.
 
     OMP_NUM_THREADS=2 python bench/train_throughput.py --steps 20 --rounds 2
 """
@@ -254,23 +257,58 @@ def child(side: str, base: Path, data: Path, steps: int, overrides: dict, evalua
             "threads": torch.get_num_threads(), "batch_shapes": counter.batch_shapes}
 
 
-def matmul_peak(dtype_name: str, size: int = 2048, repeats: int = 10) -> float:
-    """Best of ``repeats`` timed ``size``-square matmuls (on the GPU when there is one), in FLOP/s."""
+def _device():
+    """The GPU when there is one, else the CPU, and how to wait for its work to finish."""
     import torch
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    dtype = getattr(torch, dtype_name)
-    a, b = (torch.randn(size, size, dtype=dtype, device=device) for _ in range(2))
-    torch.matmul(a, b)
+    if torch.cuda.is_available():
+        return "cuda", torch.cuda.synchronize
+    return "cpu", lambda: None
+
+
+def _best_seconds(product, repeats: int) -> float:
+    """The fastest of ``repeats`` timed calls of ``product`` after one warm-up call."""
+    _, sync = _device()
+    product()
     sync()
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        torch.matmul(a, b)
+        product()
         sync()
         best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
+    return best
+
+
+def matmul_peak(dtype_name: str, size: int = 2048, repeats: int = 10) -> float:
+    """Best of ``repeats`` timed ``size``-square matmuls (on the GPU when there is one), in FLOP/s."""
+    import torch
+
+    device, _ = _device()
+    a, b = (torch.randn(size, size, dtype=getattr(torch, dtype_name), device=device) for _ in range(2))
+    return 2 * size**3 / _best_seconds(lambda: torch.matmul(a, b), repeats)
+
+
+def layer_shape_rate(base: Path, dtype_name: str, rows: int, repeats: int = 5) -> float:
+    """FLOP/s of one decoder layer's own matmuls at ``rows`` tokens: each linear layer's forward product and
+    its input-gradient product (what a step runs through the frozen base), best of ``repeats`` each. Set
+    beside the square-matmul peak, it says how much of that peak matmuls of this model's sizes can reach."""
+    import torch
+    from transformers import AutoConfig
+
+    from agentpeft.plan import meta_model
+
+    model = meta_model(AutoConfig.from_pretrained(str(base)), "full")
+    layer = next(m for m in model.modules() if isinstance(m, torch.nn.ModuleList))[0]
+    device, _ = _device()
+    dtype = getattr(torch, dtype_name)
+    flops = seconds = 0.0
+    for linear in (m for m in layer.modules() if isinstance(m, torch.nn.Linear)):
+        w = torch.randn(linear.out_features, linear.in_features, dtype=dtype, device=device)
+        x, dy = (torch.randn(rows, n, dtype=dtype, device=device) for n in (linear.in_features, linear.out_features))
+        for product in (lambda: torch.nn.functional.linear(x, w), lambda: dy @ w):
+            flops, seconds = flops + 2 * rows * w.numel(), seconds + _best_seconds(product, repeats)
+    return flops / seconds
 
 
 def benchmark(base: Path, data: Path, steps: int, rounds: int, overrides: dict, evaluate: bool = True,
@@ -308,11 +346,14 @@ def benchmark(base: Path, data: Path, steps: int, rounds: int, overrides: dict, 
         if all(r.get("executed_flops_per_second") for r in mine):
             executed = statistics.median(r["executed_flops_per_second"] for r in mine)
             summary[side]["mfu_bf16_executed"] = round(executed / peaks["bfloat16"], 4)
+    ours = [r for r in runs if r["side"] == "agentpeft"]
+    rows = sorted({round(statistics.median(r[k] / r["steps"] for r in ours)) for k in ("tokens", "unique_tokens")})
     return {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores", "model": str(base.name), "steps": steps,
         "hyperparameters": HYPER, "agentpeft_overrides": overrides,
         "matmul_peak_gflops": {k: round(v / 1e9, 1) for k, v in peaks.items()},
+        "layer_matmul_gflops": {str(n): {k: round(layer_shape_rate(base, k, n) / 1e9, 1) for k in peaks} for n in rows},
         "summary": summary,
         "ratio_tokens_per_second": round(summary["agentpeft"]["tokens_per_second"]
                                          / summary["baseline"]["tokens_per_second"], 3),

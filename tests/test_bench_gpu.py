@@ -24,4 +24,6 @@ def test_gpu_train_benchmark_runs_small_on_cpu(home, tmp_path):
     assert ours["answer_tokens"] < ours["unique_tokens"] < ours["tokens"]
     assert 0 < ours["executed_flops"] < ours["model_flops"] and baseline["executed_flops"] is None
     assert 0 < result["summary"]["agentpeft"]["mfu_bf16_executed"] < result["summary"]["agentpeft"]["mfu_bf16"]
+    rows = sorted(int(n) for n in result["layer_matmul_gflops"])
+    assert rows and rows[0] > 0 and all(r["bfloat16"] > 0 for r in result["layer_matmul_gflops"].values())
     assert result["ratio_tokens_per_second"] > 0 and result["device"].startswith("CPU")
