@@ -20,7 +20,7 @@ class _Group(click.Group):
         except AgentpeftError as exc:
             click.secho(f"Error: {exc}", err=True, fg="red")
             sys.exit(1)
-        except OSError as exc:  # a full, read-only or unwritable disk is the user's to fix, not a bug
+        except Exception as exc:  # a full, read-only or unwritable disk is the user's to fix, not a bug
             error = disk_error(exc)
             if error is None:
                 raise

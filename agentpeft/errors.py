@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import os
+import re
 
 
 class AgentpeftError(Exception):
@@ -27,10 +29,26 @@ _DISK_FIXES = {
 }
 
 
-def disk_error(exc: OSError) -> AgentpeftError | None:
-    """A full, read-only or unwritable disk as a one-line user error; None for other OSErrors."""
-    fix = _DISK_FIXES.get(exc.errno)
+#: How Rust's std::io::Error ends its message.
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def disk_error(exc: BaseException) -> AgentpeftError | None:
+    """A full, read-only or unwritable disk as a one-line user error; None for any other exception.
+
+    Python raises an OSError with its errno; libraries written in Rust (safetensors, tokenizers) raise
+    their own exception types, whose message ends in the OS error: "... (os error 28)".
+    """
+    if isinstance(exc, OSError):
+        code, what, where = exc.errno, exc.strerror, exc.filename
+    else:
+        found = _RUST_OS_ERROR.search(str(exc))
+        if found is None:
+            return None
+        code = int(found.group(1))
+        what, where = os.strerror(code), None
+    fix = _DISK_FIXES.get(code)
     if fix is None:
         return None
-    where = f"{exc.filename}: " if exc.filename else ""
-    return AgentpeftError(f"{where}{exc.strerror}; {fix}")
+    where = f"{where}: " if where else ""
+    return AgentpeftError(f"{where}{what}; {fix}")

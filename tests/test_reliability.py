@@ -263,6 +263,33 @@ def test_full_disk_for_real_is_one_line_and_registry_intact(tiny_base, tmpfs, mo
     assert _snapshot(home / "registry") == before
 
 
+def test_full_disk_in_a_rust_library_is_one_line(tiny_base, home, tmpfs, monkeypatch):
+    """safetensors (written in Rust) raises its own error type on a full disk, not an OSError: the merge
+    stage saving the merged model onto a full disk must still end in one line, the registry untouched."""
+    import torch
+    import transformers
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    from agentpeft.errors import disk_error
+
+    with pytest.raises(SafetensorError) as full:  # 256 KiB onto a 64 KiB file system: the real error
+        save_file({"w": torch.zeros(1 << 16)}, str(tmpfs("64k") / "w.safetensors"))
+    assert not isinstance(full.value, OSError) and "os error 28" in str(full.value)
+    assert disk_error(SafetensorError("I/O error: No such file or directory (os error 2)")) is None
+    assert disk_error(ValueError("not a disk problem")) is None
+
+    def save_on_full_disk(self, *args, **kwargs):
+        raise full.value
+
+    _seed("bot")
+    before = _snapshot(home / "registry")
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", save_on_full_disk)
+    result = CliRunner().invoke(cli, _build_args(tiny_base, "--max-steps", "1", "--allow-regression"))
+    _one_line_error(result, "No space left on device", "free some space", "--resume")
+    assert "[5/6] merge" not in result.output and _snapshot(home / "registry") == before
+
+
 def test_home_under_a_file_is_one_line(tiny_base, tmp_path, monkeypatch):
     """AGENTPEFT_HOME whose parent is a file: a folder cannot be made there, even by root."""
     (tmp_path / "file").write_text("not a folder")

@@ -76,7 +76,9 @@ def _exclusive(run: Callable[..., BuildResult]) -> Callable[..., BuildResult]:
                 lock.write(f"{os.getpid()}\n")
                 lock.flush()
                 return run(*bound.args, **bound.kwargs)
-        except OSError as exc:
+        except AgentpeftError:
+            raise
+        except Exception as exc:  # OSError, or a Rust library's error carrying one (disk_error)
             error = disk_error(exc)
             if error is None:
                 raise
