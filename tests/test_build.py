@@ -213,10 +213,16 @@ def test_gate_refuses_a_zero_step_adapter_and_train_command_stops_before_eval(ti
     assert result.version is None and any("register: refused" in line for line in logs)
     assert not (registry_dir() / "useless").exists() or not any((registry_dir() / "useless").glob("[0-9]*"))
 
+    import datasets
+    from transformers.utils import logging as transformers_logging
+
+    datasets.enable_progress_bars()  # as a fresh process has them: --quiet must switch them off
+    transformers_logging.enable_progress_bar()
     out = CliRunner().invoke(cli, ["train", "support-bot", "--base", str(tiny_base), "--max-steps", "1",
                                    "--method", "lora", "--name", "trained-only", "--quiet"])
     assert out.exit_code == 0, out.output
     assert "trainable params:" in out.output and "[3/6] train:" in out.output and "evaluate" not in out.output
+    assert "it/s]" not in out.output and "examples/s]" not in out.output, out.output  # no progress bars
     adapter = out.output.strip().splitlines()[-1].removeprefix("adapter: ")
     assert (Path(adapter) / "adapter_model.safetensors").is_file()
     assert not (registry_dir() / "trained-only").exists()

@@ -497,12 +497,8 @@ def _card(pairs, documents, generated, filter_counts, notes, added, train, held_
 
 
 def _write(folder: Path, train: list[dict], held_out: list[dict], card: dict) -> None:
-    import datasets
     from datasets import Dataset, DatasetDict
 
-    from ..progress import enabled
-
-    (datasets.enable_progress_bars if enabled() else datasets.disable_progress_bars)()
     DatasetDict({"train": Dataset.from_list(train), "eval": Dataset.from_list(held_out)}).save_to_disk(
         str(folder / "dataset"))
     for split, rows in (("train", train), ("eval", held_out)):
