@@ -2,8 +2,9 @@
 
 A variant is ``NAME=JSON``: train-config fields (``{"dequantize_once": false}``) plus four code switches
 for changes that have no config field: ``"packed_tails": false`` runs the shared-prefix tails as padded
-rows over a repeated cache (before session 9; since session 12 the default under bf16 on a CPU) and
-``true`` packs them into one row, ``"fp32_adapter": false`` leaves the QLoRA adapter in
+rows over a repeated cache (before session 9; sessions 12-16 the default under bf16 on a CPU),
+``true`` packs them into one row after a separate prefix pass, ``"one_pass"`` runs the prefix and the packed
+tails as one sequence (since session 17 the default under bf16 on a CPU), ``"fp32_adapter": false`` leaves the QLoRA adapter in
 TRL's bf16 (before session 7), ``"native_bf16": false`` computes in fp32 as on a CPU without native
 bf16, ``"eager_attention": false`` keeps SDPA attention under bf16 on a CPU (before session 13). Each
 run records seconds, tokens/s and its losses; equal losses mean the two variants compute the

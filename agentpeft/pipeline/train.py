@@ -510,18 +510,19 @@ def shared_prefix_hidden(trunk, input_ids, attention_mask, min_prefix: int = 8, 
     and the chat template around it are identical in every row); each group runs that prefix once and
     then its rows' remaining tokens on top of the prefix's key/value cache: packed into one sequence
     without padding where the attention implementation takes a custom mask (each tail sees the prefix
-    and itself only), else as padded rows over a repeated cache. Causal attention makes the result the
+    and itself only), else as padded rows over a repeated cache; with ``packed="one_pass"`` the prefix
+    and the packed tails run as one sequence, in one call. Causal attention makes the result the
     same as the full forward on every real token (tests/test_train.py checks hidden states and
     gradients; padding positions hold no meaningful values). ``packed`` None packs where the implementation
-    takes the mask, except under bf16 autocast on a CPU: there the linear layers run fast enough that the
-    packed sequence's larger attention costs more than the padding saves (docs/performance.md).
+    takes the mask, in one pass under bf16 autocast on a CPU, where a second pass of small operations
+    costs more than the matmuls it saves (1.21x in an A/B, docs/performance.md).
     """
     import torch
 
     cache_name = cache_argument(trunk)
     if packed is None:
-        packed = trunk.config._attn_implementation in ("sdpa", "eager") and not (
-            input_ids.device.type == "cpu" and torch.is_autocast_enabled("cpu"))
+        packed = trunk.config._attn_implementation in ("sdpa", "eager") and (
+            "one_pass" if input_ids.device.type == "cpu" and torch.is_autocast_enabled("cpu") else True)
     lengths = attention_mask.sum(1).tolist()
     width = input_ids.size(1)
     parts, order = [], []
@@ -530,6 +531,19 @@ def shared_prefix_hidden(trunk, input_ids, attention_mask, min_prefix: int = 8, 
         if not shared:
             parts.append(trunk(input_ids=input_ids[index], attention_mask=attention_mask[index],
                                use_cache=False).last_hidden_state)
+        elif packed == "one_pass":
+            tails = [int(lengths[r]) - shared for r in rows]
+            tokens = torch.cat([input_ids[rows[0], :shared], *(input_ids[r, shared:shared + t]
+                                                                for r, t in zip(rows, tails))])[None]
+            positions = torch.cat([torch.arange(shared, device=input_ids.device),
+                                   *(torch.arange(shared, shared + t, device=input_ids.device) for t in tails)])[None]
+            mask = _packed_tail_mask(shared, tails, trunk.get_input_embeddings().weight.dtype, input_ids.device,
+                                     trunk.config._attn_implementation, prefix_rows=True)
+            hidden = trunk(input_ids=tokens, attention_mask=mask, position_ids=positions,
+                           use_cache=False).last_hidden_state[0]
+            tail = torch.nn.utils.rnn.pad_sequence(list(hidden[shared:].split(tails)), batch_first=True)
+            tail = torch.nn.functional.pad(tail, (0, 0, 0, width - shared - tail.size(1)))
+            parts.append(torch.cat([hidden[None, :shared].expand(len(rows), -1, -1), tail], dim=1))
         else:
             prefix = trunk(input_ids=input_ids[index[:1], :shared], use_cache=True)
             cache = prefix[cache_name]
@@ -575,15 +589,21 @@ def prefix_groups(input_ids, attention_mask, min_prefix: int = 8) -> list[tuple[
     return [(rows, shared if len(rows) > 1 and shared >= min_prefix else 0) for rows, shared in groups]
 
 
-def _packed_tail_mask(prefix: int, tails: list[int], dtype, device, implementation: str):
+def _packed_tail_mask(prefix: int, tails: list[int], dtype, device, implementation: str, prefix_rows: bool = False):
     """The 4D attention mask of tails packed into one sequence after a cached prefix: each tail token
-    sees the whole prefix and the tokens of its own tail up to itself. Boolean for SDPA, additive for eager."""
+    sees the whole prefix and the tokens of its own tail up to itself. With ``prefix_rows`` the prefix's
+    own tokens come first in the sequence (causal among themselves). Boolean for SDPA, additive for eager."""
     import torch
 
     segment = torch.repeat_interleave(torch.arange(len(tails), device=device), torch.tensor(tails, device=device))
     causal = torch.ones(len(segment), len(segment), dtype=torch.bool, device=device).tril()
     allowed = torch.cat([torch.ones(len(segment), prefix, dtype=torch.bool, device=device),
-                         causal & (segment[:, None] == segment[None, :])], dim=1)[None, None]
+                         causal & (segment[:, None] == segment[None, :])], dim=1)
+    if prefix_rows:
+        own = torch.ones(prefix, prefix, dtype=torch.bool, device=device).tril()
+        allowed = torch.cat([torch.cat([own, torch.zeros(prefix, len(segment), dtype=torch.bool, device=device)], 1),
+                             allowed])
+    allowed = allowed[None, None]
     if implementation == "sdpa":
         return allowed
     return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
