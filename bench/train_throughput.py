@@ -242,10 +242,11 @@ def child(side: str, base: Path, data: Path, steps: int, overrides: dict, evalua
     if side.startswith("agentpeft"):
         # The work the train stage cannot skip: the trunk on each shared prefix once (when it shares them),
         # the LM head on the answer positions only; padding and gradient-checkpointing recomputation not counted.
+        from agentpeft.pipeline.train import shares_prefix
         from agentpeft.recipe import configure
 
-        cfg = configure("support-bot", **{**HYPER, **overrides}).train
-        trunk_tokens = counter.unique if cfg.share_prefix and not cfg.gradient_checkpointing else counter.tokens
+        trunk_tokens = counter.unique if shares_prefix(configure("support-bot", **{**HYPER, **overrides}).train) \
+            else counter.tokens
         head = model.get_output_embeddings().weight.numel()
         executed = trunk_tokens * (4 * (frozen - head) + 6 * adapters) + counter.answer * 4 * head
     return {"side": side, "steps": counter.steps, "seconds": round(seconds, 2), "tokens": counter.tokens,

@@ -147,7 +147,7 @@ def train(base_dir: Path, dataset_dir: Path, out_dir: Path, cfg: TrainConfig, re
     trainer_cls = SFTTrainer
     if cfg.method in MERGEABLE:
         # Under gradient checkpointing the model keeps no key/value cache, which prefix sharing needs.
-        share = cfg.share_prefix and not cfg.gradient_checkpointing
+        share = shares_prefix(cfg)
         trainer_cls = _answer_only_trainer(SFTTrainer, cfg.anchor_kl, share)
     trainer = trainer_cls(model=model, args=args, train_dataset=train_set.select_columns(columns),
                           processing_class=tokenizer)
@@ -190,6 +190,11 @@ def train(base_dir: Path, dataset_dir: Path, out_dir: Path, cfg: TrainConfig, re
     plot_loss(history, out_dir / "loss_curve.png")
     return TrainResult(adapter_dir, trainer.state.global_step, losses[-1] if losses else None, seconds, trainable, total,
                        int(max((r.get("num_tokens", 0) for r in history), default=0)), precision, device)
+
+
+def shares_prefix(cfg: TrainConfig) -> bool:
+    """Whether training runs each batch's shared prompt prefix once (gradient checkpointing keeps no cache)."""
+    return cfg.share_prefix and not cfg.gradient_checkpointing
 
 
 def loraplus_optimizer(trainer, ratio: float, log=print):
@@ -531,37 +536,34 @@ def shared_prefix_hidden(trunk, input_ids, attention_mask, min_prefix: int = 8, 
         if not shared:
             parts.append(trunk(input_ids=input_ids[index], attention_mask=attention_mask[index],
                                use_cache=False).last_hidden_state)
-        elif packed == "one_pass":
+        elif packed:
+            one_pass = packed == "one_pass"
             tails = [int(lengths[r]) - shared for r in rows]
-            tokens = torch.cat([input_ids[rows[0], :shared], *(input_ids[r, shared:shared + t]
-                                                                for r, t in zip(rows, tails))])[None]
-            positions = torch.cat([torch.arange(shared, device=input_ids.device),
-                                   *(torch.arange(shared, shared + t, device=input_ids.device) for t in tails)])[None]
-            mask = _packed_tail_mask(shared, tails, trunk.get_input_embeddings().weight.dtype, input_ids.device,
-                                     trunk.config._attn_implementation, prefix_rows=True)
-            hidden = trunk(input_ids=tokens, attention_mask=mask, position_ids=positions,
-                           use_cache=False).last_hidden_state[0]
-            tail = torch.nn.utils.rnn.pad_sequence(list(hidden[shared:].split(tails)), batch_first=True)
+            pieces = [input_ids[r, shared:shared + t] for r, t in zip(rows, tails)]
+            spans = [torch.arange(shared, shared + t, device=input_ids.device) for t in tails]
+            if one_pass:
+                pieces.insert(0, input_ids[rows[0], :shared])
+                spans.insert(0, torch.arange(shared, device=input_ids.device))
+                run, dtype = {"use_cache": False}, trunk.get_input_embeddings().weight.dtype
+            else:
+                prefix = trunk(input_ids=input_ids[index[:1], :shared], use_cache=True)
+                run, dtype = {cache_name: prefix[cache_name], "use_cache": True}, prefix.last_hidden_state.dtype
+            mask = _packed_tail_mask(shared, tails, dtype, input_ids.device, trunk.config._attn_implementation,
+                                     prefix_rows=one_pass)
+            hidden = trunk(input_ids=torch.cat(pieces)[None], attention_mask=mask, position_ids=torch.cat(spans)[None],
+                           **run).last_hidden_state[0]
+            head = hidden[None, :shared] if one_pass else prefix.last_hidden_state
+            tail = torch.nn.utils.rnn.pad_sequence(list(hidden[shared if one_pass else 0:].split(tails)),
+                                                   batch_first=True)
             tail = torch.nn.functional.pad(tail, (0, 0, 0, width - shared - tail.size(1)))
-            parts.append(torch.cat([hidden[None, :shared].expand(len(rows), -1, -1), tail], dim=1))
+            parts.append(torch.cat([head.expand(len(rows), -1, -1), tail], dim=1))
         else:
             prefix = trunk(input_ids=input_ids[index[:1], :shared], use_cache=True)
             cache = prefix[cache_name]
-            if packed:
-                tails = [int(lengths[r]) - shared for r in rows]
-                tokens = torch.cat([input_ids[r, shared:shared + t] for r, t in zip(rows, tails)])[None]
-                positions = torch.cat([torch.arange(shared, shared + t, device=input_ids.device) for t in tails])[None]
-                mask = _packed_tail_mask(shared, tails, prefix.last_hidden_state.dtype, input_ids.device,
-                                         trunk.config._attn_implementation)
-                hidden = trunk(input_ids=tokens, attention_mask=mask, position_ids=positions, **{cache_name: cache},
-                               use_cache=True).last_hidden_state[0]
-                tail = torch.nn.utils.rnn.pad_sequence(list(hidden.split(tails)), batch_first=True)
-                tail = torch.nn.functional.pad(tail, (0, 0, 0, width - shared - tail.size(1)))
-            else:
-                cache.batch_repeat_interleave(len(rows))
-                tail = trunk(input_ids=input_ids[index, shared:], attention_mask=attention_mask[index],
-                             position_ids=torch.arange(shared, width, device=input_ids.device).expand(len(rows), -1),
-                             **{cache_name: cache}, use_cache=True).last_hidden_state
+            cache.batch_repeat_interleave(len(rows))
+            tail = trunk(input_ids=input_ids[index, shared:], attention_mask=attention_mask[index],
+                         position_ids=torch.arange(shared, width, device=input_ids.device).expand(len(rows), -1),
+                         **{cache_name: cache}, use_cache=True).last_hidden_state
             parts.append(torch.cat([prefix.last_hidden_state.expand(len(rows), -1, -1), tail], dim=1))
         order += rows
     hidden = torch.cat(parts)
