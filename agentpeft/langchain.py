@@ -21,6 +21,7 @@ from pydantic import Field, PrivateAttr
 
 from . import registry
 from .errors import AgentpeftError
+from .models import for_inference
 
 
 @dataclass
@@ -278,7 +279,8 @@ def _load(ref: str) -> _Loaded:
     key = str(registry.resolve(ref))
     with _cache_lock:
         if key not in _models:
-            _models[key] = _Loaded(*registry.load(ref))
+            model, tokenizer, manifest = registry.load(ref)
+            _models[key] = _Loaded(for_inference(model), tokenizer, manifest)
         return _models[key]
 
 
@@ -346,7 +348,8 @@ def chat_model(spec: str, base: str | None = None, **generation_kwargs: Any) -> 
         raise AgentpeftError(
             f"{spec!r} is neither 'base', a registered model (see `agentpeft list`), a base model, nor a "
             "provider:model string such as openai:gpt-4o-mini") from None
-    return _chat(load_model(folder), load_tokenizer(folder), f"base:{folder.name}", None, **generation_kwargs)
+    return _chat(for_inference(load_model(folder)), load_tokenizer(folder), f"base:{folder.name}", None,
+                 **generation_kwargs)
 
 
 # --- tools ----------------------------------------------------------------------------------------

@@ -203,7 +203,7 @@ Fine-tuned by agentpeft {m['agentpeft_version']} from the `{m['recipe']}` recipe
 Base model: `{m['base_model']['name']}` (weights sha256 `{m['base_model']['sha256'][:16]}...`).
 Dataset: {m['dataset']['facts']} facts, {m['dataset']['splits']['train']} train and {m['dataset']['splits']['eval']} held-out pairs (hash `{m['dataset']['hash'][:16]}...`).
 
-## Evaluation (held-out questions, greedy decoding)
+## Evaluation (held-out questions, greedy decoding{', ' + ev['precision'] if ev.get('precision') else ''})
 
 | metric | base | tuned |
 |---|---|---|

@@ -46,9 +46,9 @@ def switched(settings: dict):
     from agentpeft.pipeline import train as stage
 
     saved = (stage.shared_prefix_hidden, stage.keep_trainable_fp32, models.bf16_supported,
-             stage.eager_attention_on_cpu)
+             models.eager_attention_on_cpu)
     if settings.get("eager_attention") is False:
-        stage.eager_attention_on_cpu = lambda model: None
+        models.eager_attention_on_cpu = lambda model: None
     if settings.get("native_bf16") is False:
         models.bf16_supported = lambda: False
     if "packed_tails" in settings:
@@ -59,7 +59,7 @@ def switched(settings: dict):
         yield stage
     finally:
         (stage.shared_prefix_hidden, stage.keep_trainable_fp32, models.bf16_supported,
-         stage.eager_attention_on_cpu) = saved
+         models.eager_attention_on_cpu) = saved
 
 
 def run(base: Path, dataset: Path, recipe: str, steps: int, name: str, settings: dict, work: Path) -> dict:

@@ -260,6 +260,15 @@ def test_a_rebuild_reuses_the_base_models_answers(tiny_base, home, monkeypatch):
     asked.clear()
     build_tiny(tiny_base, "third", max_steps=1, eval_limit=5)
     assert asked == [5, 5]
+    # Answers computed in another precision are other answers too.
+    from agentpeft import models
+
+    assert evals[0]["precision"] == models.inference_precision()
+    monkeypatch.setattr(models, "cpu_bf16_supported", lambda: True)
+    key = lambda: evaluate._base_cache_file(tiny_base, [], [], ["accuracy"], 8)  # noqa: E731
+    bf16 = key()
+    monkeypatch.setenv(models.INFERENCE_DTYPE_ENV, "float32")
+    assert key() != bf16
 
 
 def test_an_unwritable_base_answer_cache_costs_only_a_rebuild(tiny_base, home):

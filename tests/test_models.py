@@ -100,3 +100,63 @@ def test_bounded_onednn_caches_keep_bf16_matmul_memory_flat_over_many_shapes():
                                          text=True, check=True).stdout.split()[-1]) for mode in ("default", "bounded")}
     assert growth["default"] > 100  # MiB: oneDNN's default caches keep a kernel for each of the 200 shapes
     assert growth["bounded"] < growth["default"] / 3
+
+
+def _logits(model, tokenizer, text="What is its price?"):
+    import torch
+
+    ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        return model(input_ids=ids).logits.float()
+
+
+def test_for_inference_computes_in_bf16_where_the_hardware_has_it(tiny_base, monkeypatch):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from agentpeft import models
+
+    monkeypatch.delenv(models.INFERENCE_DTYPE_ENV, raising=False)
+    monkeypatch.setattr(models, "cpu_bf16_supported", lambda: True)
+    model, tokenizer = _model(tiny_base)
+    reference = _logits(model, tokenizer)
+    assert models.for_inference(model) is model
+    linear = [m for m in model.modules() if type(m) is torch.nn.Linear and m is not model.get_output_embeddings()]
+    assert linear and {m.weight.dtype for m in linear} == {torch.bfloat16}
+    # The tied embeddings (the output head's weights) and the norms keep fp32; autocast runs the head in bf16.
+    assert model.get_input_embeddings().weight.dtype == torch.float32
+    assert {p.dtype for n, p in model.named_parameters() if "norm" in n} == {torch.float32}
+    bf16 = _logits(model, tokenizer)
+    assert not torch.equal(bf16, reference)
+    assert torch.allclose(bf16, reference, atol=0.05 * reference.abs().max().item())
+    models.for_inference(model)  # once is enough: a second call changes nothing
+    assert torch.equal(_logits(model, tokenizer), bf16)
+    assert len(generate(model, tokenizer, [chat_prompt(SYSTEM, q) for q in QUESTIONS], 6)) == len(QUESTIONS)
+    # An unmerged adapter: the base's layers and the adapter's go bf16 under the peft wrapper.
+    torch.manual_seed(0)
+    tuned = get_peft_model(_model(tiny_base)[0], LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                            init_lora_weights=False, task_type="CAUSAL_LM"))
+    tuned_reference = _logits(tuned, tokenizer)
+    models.for_inference(tuned)
+    assert torch.allclose(_logits(tuned, tokenizer), tuned_reference, atol=0.05 * tuned_reference.abs().max().item())
+
+
+def test_for_inference_leaves_fp32_without_native_bf16_or_when_told(tiny_base, monkeypatch):
+    import torch
+
+    from agentpeft import models
+    from agentpeft.errors import AgentpeftError
+
+    for native, setting in ((False, None), (True, "float32")):
+        monkeypatch.setattr(models, "cpu_bf16_supported", lambda: native)
+        if setting:
+            monkeypatch.setenv(models.INFERENCE_DTYPE_ENV, setting)
+        model, tokenizer = _model(tiny_base)
+        reference = _logits(model, tokenizer)
+        models.for_inference(model)
+        assert {p.dtype for p in model.parameters()} == {torch.float32}
+        assert torch.equal(_logits(model, tokenizer), reference)
+        assert models.inference_precision() == "fp32"
+    monkeypatch.setenv(models.INFERENCE_DTYPE_ENV, "fp8")
+    with pytest.raises(AgentpeftError, match="AGENTPEFT_INFERENCE_DTYPE='fp8' is not understood; set it to auto"):
+        models.for_inference(model)

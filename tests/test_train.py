@@ -306,11 +306,11 @@ def test_bf16_computes_the_base_in_bf16_and_keeps_the_adapter_fp32(tiny_base, da
     for name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
         monkeypatch.setenv(name, "")  # recorded, so that the test's end restores the process environment
         monkeypatch.delenv(name)
-    from agentpeft.pipeline import train as stage
+    from agentpeft import models
 
     attention = []
-    eager = stage.eager_attention_on_cpu
-    monkeypatch.setattr(stage, "eager_attention_on_cpu",
+    eager = models.eager_attention_on_cpu
+    monkeypatch.setattr(models, "eager_attention_on_cpu",
                         lambda model: (eager(model), attention.append(model.config._attn_implementation)))
     runs = {}
     for bf16 in (False, True, False):
@@ -339,7 +339,7 @@ def test_bf16_computes_the_base_in_bf16_and_keeps_the_adapter_fp32(tiny_base, da
 
 def test_eager_attention_on_cpu_replaces_sdpa_only(tiny_base):
     from agentpeft.models import load_model
-    from agentpeft.pipeline.train import eager_attention_on_cpu
+    from agentpeft.models import eager_attention_on_cpu
 
     model = load_model(tiny_base)
     assert model.config._attn_implementation == "sdpa"
@@ -355,8 +355,7 @@ def test_frozen_linears_to_bf16_leaves_the_adapter_head_and_4bit_layers(tiny_bas
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from agentpeft.models import load_model
-    from agentpeft.pipeline.train import frozen_linears_to_bf16
+    from agentpeft.models import frozen_linears_to_bf16, load_model
 
     config = LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM")
     model = get_peft_model(load_model(tiny_base), config)
@@ -373,8 +372,7 @@ def _lora_model(tiny_base, targets, dropout=0.0, bf16=False):
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from agentpeft.models import load_model
-    from agentpeft.pipeline.train import frozen_linears_to_bf16
+    from agentpeft.models import frozen_linears_to_bf16, load_model
 
     torch.manual_seed(0)
     model = get_peft_model(load_model(tiny_base), LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,

@@ -206,7 +206,7 @@ def build(recipe: str | Recipe, kb: str | Path | None = None, name: str | None =
                   "trainable_params": trained.trainable_params, "all_params": trained.all_params,
                   "precision": trained.precision, "device": trained.device},
         "metrics": {"primary": result.primary, "base": result.base, "tuned": result.tuned,
-                    "forgetting": result.forgetting, "judge": result.judge,
+                    "forgetting": result.forgetting, "judge": result.judge, "precision": result.precision,
                     **({"tuned_retrieval": retrieval_figures} if retrieval_figures else {})},
         "retrieval": recipe.retrieval.model_dump(),
         "merge": merge_info,

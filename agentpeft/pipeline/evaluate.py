@@ -168,6 +168,8 @@ class EvalResult:
     forgetting: dict | None = None
     #: ``{"model": name, "base": score, "tuned": score}`` when a judge graded the replies.
     judge: dict | None = None
+    #: How both models computed their replies (``agentpeft.models.inference_precision``).
+    precision: str = "fp32"
 
     @property
     def improved(self) -> bool:
@@ -208,7 +210,7 @@ def evaluate(base_dir: Path, adapter_dir: Path, eval_rows: list[dict], metric_na
     ``judge`` names a chat model (see ``agentpeft.langchain.chat_model``) that also grades both
     models' replies; its figures are reported beside the metrics, never instead of them.
     """
-    from ..models import load_model, load_tokenizer, load_tuned
+    from ..models import for_inference, inference_precision, load_model, load_tokenizer, load_tuned
 
     tokenizer = load_tokenizer(base_dir)
     # The probe asks as a plain chat, without the recipe's system prompt: it measures what the
@@ -228,7 +230,8 @@ def evaluate(base_dir: Path, adapter_dir: Path, eval_rows: list[dict], metric_na
                 progress.update(len(eval_rows) + len(probe_rows))
                 continue
             # The tuned adapter is merged in memory for speed; the merge stage checks that this changes nothing.
-            model = load_model(base_dir) if who == "base" else load_tuned(base_dir, adapter_dir, merge=True)
+            model = for_inference(load_model(base_dir) if who == "base"
+                                  else load_tuned(base_dir, adapter_dir, merge=True))
             figures[who], replies[who] = score_model(model, tokenizer, eval_rows, metric_names, max_new_tokens,
                                                      batch_size, progress.update)
             if probe:
@@ -256,7 +259,8 @@ def evaluate(base_dir: Path, adapter_dir: Path, eval_rows: list[dict], metric_na
         grader = chat_model(judge)
         graded = {"model": judge, **{who: judge_replies(grader, eval_rows, replies[who])["score"]
                                      for who in ("base", "tuned")}}
-    result = EvalResult(figures["base"], figures["tuned"], primary, out_dir, higher, forgetting or None, graded)
+    result = EvalResult(figures["base"], figures["tuned"], primary, out_dir, higher, forgetting or None, graded,
+                        inference_precision())
     write_eval_files(result, eval_rows, replies, probe_rows, max_new_tokens)
     return result
 
@@ -267,14 +271,14 @@ def _base_cache_file(base_dir: Path, eval_rows: list[dict], probe_rows: list[dic
     import torch
 
     from .. import __version__
-    from ..models import base_info, home
+    from ..models import base_info, home, inference_precision
     from ..plugins import plugin_fingerprint
 
     payload = {"base": base_info(base_dir)["sha256"], "agentpeft": __version__, "torch": torch.__version__,
                "plugins": plugin_fingerprint(),
                "rows": [[r["prompt"], r["answer"], r.get("key")] for r in eval_rows],
                "probe": [[r["prompt"], r["key"]] for r in probe_rows], "text": general_text(),
-               "metrics": metric_names, "max_new_tokens": max_new_tokens}
+               "metrics": metric_names, "max_new_tokens": max_new_tokens, "precision": inference_precision()}
     key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
     return home() / "cache" / "base-eval" / f"{key}.json"
 
@@ -300,9 +304,11 @@ def write_eval_files(result: EvalResult, rows: list[dict], replies: dict, probe_
              for r, b, t in zip(probe_rows, replies.get("base_probe", []), replies.get("tuned_probe", []))]
     (out / "eval.json").write_text(json.dumps(
         {"primary": result.primary, "base": result.base, "tuned": result.tuned, "n": len(rows),
-         "forgetting": result.forgetting, "judge": result.judge, "examples": examples, "probe": probe}, indent=2))
+         "forgetting": result.forgetting, "judge": result.judge, "precision": result.precision,
+         "examples": examples, "probe": probe}, indent=2))
     (out / "report.md").write_text(
-        f"# Evaluation\n\n{len(rows)} held-out questions, greedy decoding, at most {max_new_tokens} new tokens. "
+        f"# Evaluation\n\n{len(rows)} held-out questions, greedy decoding ({result.precision}), "
+        f"at most {max_new_tokens} new tokens. "
         f"Primary metric: {result.primary} ({'higher' if result.higher_is_better.get(result.primary, True) else 'lower'}"
         f" is better).\n\n{result.table()}\n\n![metrics](metrics.png)\n")
     plot_comparison(result, out / "metrics.png")
@@ -344,7 +350,7 @@ def evaluate_model(ref: str, data: Path | str | None = None, metric_names: list[
     registered model is asked its own held-out questions.
     """
     from .. import registry
-    from ..models import load_model, load_tokenizer, resolve_base
+    from ..models import for_inference, inference_precision, load_model, load_tokenizer, resolve_base
 
     try:
         model, tokenizer, manifest = registry.load(ref)
@@ -361,6 +367,7 @@ def evaluate_model(ref: str, data: Path | str | None = None, metric_names: list[
             raise AgentpeftError(f"{ref!r} is neither a registered model (see `agentpeft list`) nor a base model "
                                  "(an alias, a local folder or a hub id)") from None
         model, tokenizer = load_model(base), load_tokenizer(base)
+    model = for_inference(model)
     if data is not None:
         pairs = read_qa_jsonl(data)
     elif manifest is not None:
@@ -378,5 +385,6 @@ def evaluate_model(ref: str, data: Path | str | None = None, metric_names: list[
         figures[f"judge ({judge})"] = judge_replies(chat_model(judge), rows, replies)["score"]
     return {"model": f"{manifest['name']}@{manifest['version']}" if manifest else ref, "n": len(rows),
             "metrics": figures, "data": str(data) if data else "held-out questions of the build",
+            "precision": inference_precision(model.device.type),
             "examples": [{"question": r["question"], "reference": r["answer"], "reply": reply}
                          for r, reply in zip(rows, replies)]}

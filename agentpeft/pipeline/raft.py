@@ -68,13 +68,13 @@ def evaluate_with_retrieval(base_dir: Path, adapter_dir: Path, eval_rows: list[d
                             metric_names: list[str], system_prompt: str | None, k: int, max_new_tokens: int,
                             batch_size: int, out_dir: Path) -> dict[str, float]:
     """Score the tuned model on the held-out questions asked with their top ``k`` passages."""
-    from ..models import load_tokenizer, load_tuned
+    from ..models import for_inference, load_tokenizer, load_tuned
     from .evaluate import chat_rows, score_model
 
     index = BM25Index(documents)
     rows = chat_rows([{**r, "question": augment_question(r["question"], passages_for(index, r["question"], k))}
                       for r in eval_rows], system_prompt)
-    model = load_tuned(base_dir, adapter_dir, merge=True)
+    model = for_inference(load_tuned(base_dir, adapter_dir, merge=True))
     figures, replies = score_model(model, load_tokenizer(base_dir), rows, metric_names, max_new_tokens, batch_size)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "eval_retrieval.json").write_text(json.dumps(

@@ -101,11 +101,11 @@ def train(base_dir: Path, dataset_dir: Path, out_dir: Path, cfg: TrainConfig, re
     bf16 = cfg.bf16 if cfg.bf16 is not None else native_bf16
     if bf16 and not native_bf16:
         log("bf16 on hardware without native bf16 is emulated, slower than fp32")
-    cast = bf16 and frozen_linears_to_bf16(model)
+    cast = bf16 and models.frozen_linears_to_bf16(model)
     if cast:
         if not cuda:
             models.bound_onednn_caches()
-            eager_attention_on_cpu(model.get_base_model())
+            models.eager_attention_on_cpu(model.get_base_model())
         log("bf16: the base's linear layers copied to bf16; the adapter and the logits stay fp32")
     trainable, total = model.get_nb_trainable_parameters()
     log(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
@@ -334,31 +334,6 @@ class _SharedInput:
             return own_forward(x, *args, **kwargs)
 
         return forward
-
-
-def frozen_linears_to_bf16(model) -> bool:
-    """Store the frozen linear layers' weights in bf16, for autocast to use without casting them in every call.
-
-    The adapter, the norms, the embeddings and the output head (often the embeddings' own weights) stay
-    as they are. Returns whether any layer was cast (none in a 4-bit model, whose layers are not plain Linear).
-    """
-    import torch
-
-    head = model.get_output_embeddings()
-    cast = False
-    for module in model.modules():
-        if type(module) is torch.nn.Linear and module is not head and not module.weight.requires_grad \
-                and module.weight.dtype == torch.float32:
-            module.weight.data = module.weight.data.to(torch.bfloat16)
-            cast = True
-    return cast
-
-
-def eager_attention_on_cpu(model) -> None:
-    """Attention as plain matmuls instead of SDPA's kernel: under bf16 autocast on a CPU they run in bf16,
-    while the CPU flash kernel's backward costs 3-4x its forward (docs/performance.md, "Eager attention under bf16")."""
-    if model.config._attn_implementation == "sdpa":
-        model.set_attn_implementation("eager")
 
 
 def plot_loss(history: list[dict], path: Path) -> None:
