@@ -2,8 +2,10 @@
 
 Trains a short QLoRA adapter on the support-bot dataset through agentpeft's train stage (the recipe's
 settings, ``--steps`` steps), then alternately (A B A B ...) loads it merged (``load_tuned(merge=True)``)
-and unmerged, and times greedy generation of ``--new-tokens`` tokens for a batch of held-out questions
-(agentpeft's batched ``generate``). Reports generated tokens per second for each and their ratio.
+and unmerged, both in fp32, and where the CPU computes bf16 natively also merged and set up as
+``load_llm`` serves it (``for_inference``: bf16 matmuls), and times greedy generation of ``--new-tokens``
+tokens for a batch of held-out questions (agentpeft's batched ``generate``). Reports generated tokens per
+second for each and the ratios.
 
     OMP_NUM_THREADS=2 python bench/inference.py --steps 4 --rounds 2
 """
@@ -37,7 +39,8 @@ def main() -> None:
 
     from datasets import load_from_disk
 
-    from agentpeft.models import load_tokenizer, load_tuned, resolve_base
+    from agentpeft.models import for_inference, inference_bf16, inference_precision, load_tokenizer, load_tuned, \
+        resolve_base
     from agentpeft.pipeline.dataset import build_dataset
     from agentpeft.pipeline.evaluate import generate
     from agentpeft.pipeline.ingest import ingest
@@ -47,7 +50,10 @@ def main() -> None:
     base = Path(args.base) if args.base else resolve_base("smollm2-135m")
     recipe = configure("support-bot", max_steps=args.steps)
     tokenizer = load_tokenizer(base)
-    rows = {"merged": [], "unmerged": []}
+    kinds = {"merged": (True, False), "unmerged": (False, False)}  # (merge, bf16 inference)
+    if inference_bf16():
+        kinds["merged, served"] = (True, True)
+    rows = {kind: [] for kind in kinds}
     with tempfile.TemporaryDirectory() as tmp:
         data = build_dataset(ingest(recipe.kb_path), recipe.data.generators, tokenizer, recipe.system_prompt,
                              Path(tmp) / "data").path
@@ -57,8 +63,9 @@ def main() -> None:
         chats = [[{"role": "system", "content": recipe.system_prompt}, {"role": "user", "content": q}]
                  for q in questions["question"]]
         for _ in range(args.rounds):
-            for kind in rows:
-                model = load_tuned(base, adapter, merge=kind == "merged")
+            for kind, (merge, served) in kinds.items():
+                model = load_tuned(base, adapter, merge=merge)
+                model = for_inference(model) if served else model
                 start = time.perf_counter()
                 replies = generate(model, tokenizer, chats, args.new_tokens)
                 seconds = time.perf_counter() - start
@@ -70,7 +77,10 @@ def main() -> None:
     result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores", "model": base.name,
               "questions": args.questions, "new_tokens": args.new_tokens, "tokens_per_second": summary,
-              "ratio_merged_to_unmerged": round(summary["merged"] / summary["unmerged"], 3), "runs": rows}
+              "ratio_merged_to_unmerged": round(summary["merged"] / summary["unmerged"], 3),
+              **({"served_precision": inference_precision(),
+                  "ratio_served_to_merged": round(summary["merged, served"] / summary["merged"], 3)}
+                 if "merged, served" in summary else {}), "runs": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2))
