@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import weakref
 import zipfile
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -363,17 +364,18 @@ def for_inference(model):
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     if getattr(inner, "_agentpeft_bf16", False) or inner.dtype != torch.float32 or not inference_bf16(inner.device.type):
         return model
-    device, forward = inner.device.type, inner.forward
+    device, forward, owner = inner.device.type, type(inner).forward, weakref.ref(inner)
     inner.requires_grad_(False)
     frozen_linears_to_bf16(inner)
     if device == "cpu":
         bound_onednn_caches()
 
-    @functools.wraps(forward)
+    # Through a weak reference: a wrapper holding the model would keep it alive after its last user drops it.
     def bf16_forward(*args, **kwargs):
         with torch.autocast(device, dtype=torch.bfloat16):
-            return forward(*args, **kwargs)
+            return forward(owner(), *args, **kwargs)
 
+    bf16_forward.__signature__ = inspect.signature(inner.forward)
     inner.forward, inner._agentpeft_bf16 = bf16_forward, True
     return model
 

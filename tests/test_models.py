@@ -160,3 +160,22 @@ def test_for_inference_leaves_fp32_without_native_bf16_or_when_told(tiny_base, m
     monkeypatch.setenv(models.INFERENCE_DTYPE_ENV, "fp8")
     with pytest.raises(AgentpeftError, match="AGENTPEFT_INFERENCE_DTYPE='fp8' is not understood; set it to auto"):
         models.for_inference(model)
+
+
+def test_a_model_set_up_for_inference_is_freed_with_its_last_reference(tiny_base, monkeypatch):
+    import gc
+    import weakref
+
+    from agentpeft import models
+
+    monkeypatch.delenv(models.INFERENCE_DTYPE_ENV, raising=False)
+    monkeypatch.setattr(models, "cpu_bf16_supported", lambda: True)
+    model = models.for_inference(load_model(tiny_base))
+    assert model._agentpeft_bf16
+    ref = weakref.ref(model)
+    gc.disable()  # freed by reference counting, not left for the cycle collector (the evaluate stage loads two)
+    try:
+        del model
+        assert ref() is None
+    finally:
+        gc.enable()
