@@ -302,7 +302,8 @@ def load_llm(name: str, version: int | None = None, **generation_kwargs: Any) ->
 
     ``generation_kwargs`` (``max_new_tokens``, ``do_sample``, ``temperature``, ...) go to generation;
     the default is greedy decoding with up to 256 new tokens. Per call, pass the same keys to
-    ``invoke``/``stream`` or ``pipeline_kwargs={...}``.
+    ``invoke``/``stream`` or ``pipeline_kwargs={...}``. The model computes as its evaluation did
+    (``agentpeft.models.for_inference``: bf16 matmuls where the hardware has native bf16).
     """
     if "@" in name and version is None:
         name, version = registry.parse_ref(name)
