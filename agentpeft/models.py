@@ -353,14 +353,17 @@ def inference_precision(device: str = "cpu") -> str:
 def for_inference(model):
     """``model`` (a transformers or peft model) set up to generate in bf16 where the hardware computes it natively.
 
-    There (``inference_bf16``) the frozen linear layers hold bf16 weights and the forward runs under bf16
-    autocast: every matmul, the output head's too, in bf16, as a bf16 checkpoint is served; norms and the
-    residual stream stay fp32. Elsewhere the model is unchanged. On the default build's questions the greedy
-    replies equal fp32's but for bf16 rounding (82 of 84 held-out, 142 of 156 probe), generated 1.5x faster
-    (docs/performance.md, "bf16 inference").
+    A model on the CPU moves to the GPU where there is one (``load_model`` loads onto the CPU). Where the
+    hardware computes bf16 natively (``inference_bf16``) the frozen linear layers hold bf16 weights and the
+    forward runs under bf16 autocast: every matmul, the output head's too, in bf16, as a bf16 checkpoint is
+    served; norms and the residual stream stay fp32. Elsewhere the precision is unchanged. On the default
+    build's questions the greedy replies equal fp32's but for bf16 rounding (82 of 84 held-out, 142 of 156
+    probe), generated 1.5x faster (docs/performance.md, "bf16 inference").
     """
     import torch
 
+    if torch.cuda.is_available() and model.device.type == "cpu":
+        model = model.to("cuda")
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     if getattr(inner, "_agentpeft_bf16", False) or inner.dtype != torch.float32 or not inference_bf16(inner.device.type):
         return model

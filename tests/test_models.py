@@ -179,3 +179,17 @@ def test_a_model_set_up_for_inference_is_freed_with_its_last_reference(tiny_base
         assert ref() is None
     finally:
         gc.enable()
+
+
+def test_for_inference_moves_a_cpu_model_to_the_gpu_where_there_is_one(tiny_base, monkeypatch):
+    import torch
+
+    from agentpeft import models
+
+    monkeypatch.setenv(models.INFERENCE_DTYPE_ENV, "float32")
+    model, moved = load_model(tiny_base), []
+    monkeypatch.setattr(model, "to", lambda device: moved.append(device) or model)  # no GPU here: record the move
+    models.for_inference(model)
+    assert moved == []  # no GPU: it stays
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert models.for_inference(model) is model and moved == ["cuda"]
