@@ -284,7 +284,7 @@ def eval_(ref, data, metrics, max_new_tokens, judge, as_json, allow_pickle):
 
     names = [m.strip() for m in metrics.split(",")] if metrics else None
     result = evaluate_model(ref, data, names, max_new_tokens, judge=judge, allow_pickle=allow_pickle)
-    text = f"{result['model']} on {result['n']} questions ({result['data']}):\n" + "\n".join(
+    text = f"{result['model']} on {result['n']} questions ({result['data']}; {result['precision']}):\n" + "\n".join(
         f"  {name}: {value:.4f}" for name, value in result["metrics"].items())
     _emit({k: v for k, v in result.items() if k != "examples"}, as_json, text)
 

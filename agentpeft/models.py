@@ -365,7 +365,8 @@ def for_inference(model):
     if torch.cuda.is_available() and model.device.type == "cpu":
         model = model.to("cuda")
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if getattr(inner, "_agentpeft_bf16", False) or inner.dtype != torch.float32 or not inference_bf16(inner.device.type):
+    done = getattr(inner, "_agentpeft_bf16", False)
+    if done or inner.dtype != torch.float32 or not inference_bf16(inner.device.type):
         return model
     device, forward, owner = inner.device.type, type(inner).forward, weakref.ref(inner)
     inner.requires_grad_(False)

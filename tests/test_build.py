@@ -113,6 +113,12 @@ def test_eval_command_on_registered_and_base_models(built, tiny_base, tmp_path, 
     held_out = json.loads((built.path / "manifest.json").read_text())["dataset"]["splits"]["eval"]
     assert figures["model"] == "support-bot@1" and figures["n"] == held_out
     assert set(figures["metrics"]) == {"accuracy", "rouge_l"}
+    from agentpeft.models import inference_precision
+
+    assert figures["precision"] == inference_precision()
+    plain = runner.invoke(cli, ["eval", "support-bot", "--max-new-tokens", "2", "--metrics", "accuracy"])
+    assert plain.exit_code == 0
+    assert f"questions (held-out questions of the build; {inference_precision()}):" in plain.output
     data = tmp_path / "qa.jsonl"
     data.write_text('{"question": "What is 2 + 2?", "answer": "4", "key": "4"}\n')
     base = runner.invoke(cli, ["eval", str(tiny_base), "--data", str(data), "--metrics", "accuracy,token_f1,perplexity",
