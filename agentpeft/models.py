@@ -332,11 +332,13 @@ def eager_attention_on_cpu(model) -> None:
 INFERENCE_DTYPE_ENV = "AGENTPEFT_INFERENCE_DTYPE"
 
 
-def inference_bf16(device: str = "cpu") -> bool:
+def inference_bf16(device: str | None = None) -> bool:
     """Whether an fp32 model on ``device`` generates with bf16 matmuls (``for_inference``): where the hardware
-    computes bf16 natively, unless ``AGENTPEFT_INFERENCE_DTYPE=float32``."""
+    computes bf16 natively, unless ``AGENTPEFT_INFERENCE_DTYPE=float32``. ``device`` defaults to where
+    ``for_inference`` runs a model: the GPU if there is one, else the CPU."""
     import torch
 
+    device = device or _device()
     choice = os.environ.get(INFERENCE_DTYPE_ENV, "auto").strip().lower() or "auto"
     if choice not in ("auto", "float32"):
         raise AgentpeftError(f"{INFERENCE_DTYPE_ENV}={choice!r} is not understood; set it to auto or float32")
@@ -345,7 +347,7 @@ def inference_bf16(device: str = "cpu") -> bool:
     return (device == "cpu" and cpu_bf16_supported()) or (device == "cuda" and torch.cuda.is_bf16_supported())
 
 
-def inference_precision(device: str = "cpu") -> str:
+def inference_precision(device: str | None = None) -> str:
     """How ``for_inference`` runs an fp32 model on ``device``, in words (recorded with evaluation figures)."""
     return "bf16 matmuls (autocast), fp32 norms and residual stream" if inference_bf16(device) else "fp32"
 
