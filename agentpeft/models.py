@@ -167,11 +167,14 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     folder, name = str(gguf_file.parent), gguf_file.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    packed = AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=name, dtype=torch.float32,
-        quantization_config=GgufConfig(gguf_file=name, dequantize=True),
-    )
+    with _gguf_parsed_once():
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        if not tokenizer.chat_template:
+            raise AgentpeftError(f"{gguf_file.name} carries no chat template; it cannot be used as an instruct base")
+        packed = AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=name, dtype=torch.float32,
+            quantization_config=GgufConfig(gguf_file=name, dequantize=True),
+        )
     config = packed.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -181,9 +184,25 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
     model.tie_weights()
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    if not tokenizer.chat_template:
-        raise AgentpeftError(f"{gguf_file.name} carries no chat template; it cannot be used as an instruct base")
     return out_dir
+
+
+@contextmanager
+def _gguf_parsed_once():
+    """Within the block, gguf's file reader and tensor-name map are built once per argument.
+
+    transformers parses the GGUF file three times (tokenizer, config, weights) and rebuilds the name map
+    for each of the model's submodules: about 20 of a 25-second pull of SmolLM2 (docs/performance.md).
+    Both are read-only there, so one of each serves every call.
+    """
+    import gguf
+
+    saved = gguf.GGUFReader, gguf.get_tensor_name_map
+    gguf.GGUFReader, gguf.get_tensor_name_map = (functools.lru_cache(maxsize=None)(f) for f in saved)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = saved
 
 
 def weights_hash(folder: Path) -> str:
