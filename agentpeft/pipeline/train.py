@@ -420,9 +420,11 @@ def _answer_only_trainer(base_cls, anchor_kl: float = 0.0, share_prefix: bool = 
                         hidden = shared_prefix_hidden(trunk, batch["input_ids"], batch["attention_mask"])[:, :-1]
                     else:
                         hidden = trunk(**batch, use_cache=False).last_hidden_state[:, :-1]
-                    for row, h, m in zip(chunk, hidden, mask):
-                        logp, ids = _logits(head, h[m]).log_softmax(-1).topk(top, dim=-1)
-                        out[row["anchor"]] = (ids, logp)
+                    # One head call per chunk: a call per row streams the whole vocabulary matrix for a few positions.
+                    logp, ids = _logits(head, hidden[mask]).log_softmax(-1).topk(top, dim=-1)
+                    counts = mask.sum(1).tolist()
+                    for row, row_ids, row_logp in zip(chunk, ids.split(counts), logp.split(counts)):
+                        out[row["anchor"]] = (row_ids, row_logp)
             return out
 
         def _anchor_kl(self, hidden, head, anchors, positions):
