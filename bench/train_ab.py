@@ -6,7 +6,8 @@ rows over a repeated cache (before session 9; sessions 12-16 the default under b
 ``true`` packs them into one row after a separate prefix pass, ``"one_pass"`` runs the prefix and the packed
 tails as one sequence (since session 17 the default under bf16 on a CPU), ``"fp32_adapter": false`` leaves the QLoRA adapter in
 TRL's bf16 (before session 7), ``"native_bf16": false`` computes in fp32 as on a CPU without native
-bf16, ``"eager_attention": false`` keeps SDPA attention under bf16 on a CPU (before session 13). Each
+bf16, ``"eager_attention": false`` keeps SDPA attention under bf16 on a CPU (before session 13),
+``"bf16_head": true`` computes the LM head's logits from bf16 hidden states and weights (rejected, session 19). Each
 run records seconds, tokens/s and its losses; equal losses mean the two variants compute the
 same training. Writes ``bench/results/train_ab.json`` (or ``--out``).
 
@@ -28,7 +29,7 @@ from pathlib import Path
 import psutil
 
 RESULTS = Path(__file__).parent / "results"
-SWITCHES = ("packed_tails", "fp32_adapter", "native_bf16", "eager_attention")
+SWITCHES = ("packed_tails", "fp32_adapter", "native_bf16", "eager_attention", "bf16_head")
 
 
 def variant(text: str) -> tuple[str, dict]:
@@ -46,7 +47,9 @@ def switched(settings: dict):
     from agentpeft.pipeline import train as stage
 
     saved = (stage.shared_prefix_hidden, stage.keep_trainable_fp32, models.bf16_supported,
-             models.eager_attention_on_cpu)
+             models.eager_attention_on_cpu, stage._logits)
+    if settings.get("bf16_head"):
+        stage._logits = bf16_logits
     if settings.get("eager_attention") is False:
         models.eager_attention_on_cpu = lambda model: None
     if settings.get("native_bf16") is False:
@@ -59,7 +62,19 @@ def switched(settings: dict):
         yield stage
     finally:
         (stage.shared_prefix_hidden, stage.keep_trainable_fp32, models.bf16_supported,
-         models.eager_attention_on_cpu) = saved
+         models.eager_attention_on_cpu, stage._logits) = saved
+
+
+def bf16_logits(head, hidden):
+    """The LM head in bf16 (a cached bf16 copy of its weight), its logits returned as fp32."""
+    import torch
+    import torch.nn.functional as F
+
+    weight = getattr(head, "_bf16_weight", None)
+    if weight is None:
+        weight = head._bf16_weight = head.weight.detach().bfloat16()
+    with torch.autocast(hidden.device.type, enabled=False):
+        return F.linear(hidden.bfloat16(), weight).float()
 
 
 def run(base: Path, dataset: Path, recipe: str, steps: int, name: str, settings: dict, work: Path) -> dict:
