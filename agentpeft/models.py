@@ -323,21 +323,26 @@ def bound_onednn_caches(capacity: int = ONEDNN_CACHE_CAPACITY) -> None:
         os.environ.setdefault(name, str(capacity))
 
 
-def frozen_linears_to_bf16(model) -> bool:
+def frozen_linears_to_bf16(model, head: bool = False) -> bool:
     """Store the frozen linear layers' weights in bf16, for autocast to use without casting them in every call.
 
-    The adapter, the norms, the embeddings and the output head (often the embeddings' own weights) stay
-    as they are. Returns whether any layer was cast (none in a 4-bit model, whose layers are not plain Linear).
+    The adapter, the norms and the embeddings stay as they are; the output head too unless ``head``, which
+    gives it a bf16 weight of its own (a head tied to the embeddings is untied: the embedding lookup stays
+    fp32). Returns whether any layer was cast (none in a 4-bit model, whose layers are not plain Linear).
     """
     import torch
 
-    head = model.get_output_embeddings()
+    output = model.get_output_embeddings()
     cast = False
     for module in model.modules():
-        if type(module) is torch.nn.Linear and module is not head and not module.weight.requires_grad \
+        if type(module) is torch.nn.Linear and module is not output and not module.weight.requires_grad \
                 and module.weight.dtype == torch.float32:
             module.weight.data = module.weight.data.to(torch.bfloat16)
             cast = True
+    if head and type(output) is torch.nn.Linear and not output.weight.requires_grad \
+            and output.weight.dtype == torch.float32:
+        output.weight = torch.nn.Parameter(output.weight.detach().to(torch.bfloat16), requires_grad=False)
+        cast = True
     return cast
 
 
@@ -391,7 +396,8 @@ def for_inference(model):
         return model
     device, forward, owner = inner.device.type, type(inner).forward, weakref.ref(inner)
     inner.requires_grad_(False)
-    frozen_linears_to_bf16(inner)
+    # The head too: autocast would cast the frozen vocabulary matrix again in every decoding step.
+    frozen_linears_to_bf16(inner, head=True)
     if device == "cpu":
         bound_onednn_caches()
 

@@ -120,13 +120,18 @@ def test_for_inference_computes_in_bf16_where_the_hardware_has_it(tiny_base, mon
     monkeypatch.setattr(models, "cpu_bf16_supported", lambda: True)
     model, tokenizer = _model(tiny_base)
     reference = _logits(model, tokenizer)
+    autocast, _ = _model(tiny_base)  # plain autocast over the fp32 weights: it casts each weight in every call
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast_logits = _logits(autocast, tokenizer)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # tied, as saved
     assert models.for_inference(model) is model
-    linear = [m for m in model.modules() if type(m) is torch.nn.Linear and m is not model.get_output_embeddings()]
-    assert linear and {m.weight.dtype for m in linear} == {torch.bfloat16}
-    # The tied embeddings (the output head's weights) and the norms keep fp32; autocast runs the head in bf16.
+    linear = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    assert model.get_output_embeddings() in linear and {m.weight.dtype for m in linear} == {torch.bfloat16}
+    # The head holds a bf16 copy of the tied embeddings, which keep fp32 for the lookup, as the norms do.
     assert model.get_input_embeddings().weight.dtype == torch.float32
     assert {p.dtype for n, p in model.named_parameters() if "norm" in n} == {torch.float32}
     bf16 = _logits(model, tokenizer)
+    assert torch.equal(bf16, autocast_logits)  # stored bf16 weights: autocast's own rounding, done once
     assert not torch.equal(bf16, reference)
     assert torch.allclose(bf16, reference, atol=0.05 * reference.abs().max().item())
     models.for_inference(model)  # once is enough: a second call changes nothing
