@@ -170,7 +170,8 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
     with _gguf_parsed_once():
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         if not tokenizer.chat_template:
-            raise AgentpeftError(f"{gguf_file.name} carries no chat template; it cannot be used as an instruct base")
+            raise AgentpeftError(f"{gguf_file.name} carries no chat template, so it cannot serve as an instruct base; "
+                                 "use the GGUF of an instruct (chat) model")
         packed = AutoModelForCausalLM.from_pretrained(
             folder, gguf_file=name, dtype=torch.float32,
             quantization_config=GgufConfig(gguf_file=name, dequantize=True),
@@ -192,7 +193,7 @@ def _gguf_parsed_once():
     """Within the block, gguf's file reader and tensor-name map are built once per argument.
 
     transformers parses the GGUF file three times (tokenizer, config, weights) and rebuilds the name map
-    for each of the model's submodules: about 20 of a 25-second pull of SmolLM2 (docs/performance.md).
+    for each of the model's submodules: about 10 s of SmolLM2's 23-second pull (docs/performance.md).
     Both are read-only there, so one of each serves every call.
     """
     import gguf
