@@ -1,7 +1,7 @@
 """Benchmark: two set-ups of a model for generation, alternately (A B, B A, ...), on the evaluate stage's questions.
 
-The model (the default base, or a registered build's merged model with ``--ref``) is loaded and set up
-as ``for_inference`` sets it up, then answers the build's held-out questions (recipe's system prompt, 48
+The model of the registered build ``--ref`` (its base, or with ``--tuned`` its merged model) is loaded and
+set up as each variant says, then answers the build's held-out questions (recipe's system prompt, 48
 new tokens) and the forgetting probe (32 new tokens) with agentpeft's batched ``generate``. A variant is
 ``NAME=JSON`` with code switches: ``"cast_head": true`` leaves the output head fp32 for autocast to cast
 in every call (``for_inference`` before session 19), ``"fp32": true`` skips bf16 inference altogether.
