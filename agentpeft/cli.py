@@ -61,6 +61,8 @@ TRAIN_OPTIONS = (
                       "native bf16)."),
     click.option("--fuse-shared-inputs/--no-fuse-shared-inputs", default=None,
                  help="Run q/k/v and gate/up, with their LoRA adapters, as one matmul each (default: off)."),
+    click.option("--rotate-phrasings/--no-rotate-phrasings", default=None,
+                 help="Each epoch trains one phrasing of every fact, the next in turn (default: every phrasing)."),
     click.option("--seed", type=int, help="Random seed."),
     click.option("--save-steps", type=int, help="Checkpoint every N steps (what --resume continues from)."),
     click.option("--report-to", type=click.Choice(["none", "tensorboard", "wandb"]), multiple=True,

@@ -77,6 +77,9 @@ class TrainConfig(_Strict):
         "bf16 (a GPU with bf16, a CPU with AVX512-BF16 or AMX)"))
     gradient_checkpointing: bool = False
     group_by_length: bool = Field(True, description="batch examples of similar length: less padding")
+    rotate_phrasings: bool = Field(False, description=(
+        "each epoch trains one phrasing of every fact, the next of its phrasings in turn, and every train-only "
+        "pair: an epoch costs one row per fact instead of one per phrasing"))
     padding_free: bool = Field(False, description="concatenate a batch into one row with position_ids, no padding")
     share_prefix: bool = Field(True, description=(
         "compute the prompt prefix that rows of a batch share (system prompt, chat template) once per batch"))

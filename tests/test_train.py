@@ -523,3 +523,49 @@ def test_loraplus_optimizer_puts_each_a_at_the_lr_and_each_b_at_ratio_times_it(t
     assert len(lr_of) == sum(len(g["params"]) for g in optimizer.param_groups) == len(trainable)
     for name, p in trainable.items():
         assert lr_of[id(p)] == pytest.approx(4e-3 if "lora_B" in name else 1e-3), name
+
+
+def test_rotating_sampler_trains_every_fact_once_an_epoch_each_phrasing_in_turn():
+    from agentpeft.pipeline.train import RotatingSampler
+
+    facts, always = [[0, 1], [2, 3, 4], [5]], [6, 7]
+    for lengths in (None, [5, 9, 3, 8, 2, 7, 4, 6]):
+        sampler = RotatingSampler(facts, always, seed=3, lengths=lengths, batch_size=2)
+        seen = {}
+        for epoch in range(6):
+            sampler.set_epoch(epoch)
+            rows = list(sampler)
+            assert len(rows) == len(sampler) == 5 and set(always) <= set(rows)
+            for group in facts:
+                assert len(set(rows) & set(group)) == 1  # one phrasing of each fact
+            seen[epoch] = rows
+        # Over 6 epochs the 2-phrasing fact trains each phrasing 3 times, the 3-phrasing one each twice.
+        assert sorted(r for rows in seen.values() for r in rows if r < 2) == [0, 0, 0, 1, 1, 1]
+        assert sorted(r for rows in seen.values() for r in rows if 2 <= r < 5) == [2, 2, 3, 3, 4, 4]
+        sampler.set_epoch(4)  # a resumed run asks for an epoch again and gets the same rows in the same order
+        assert list(sampler) == seen[4]
+    offsets = {tuple(RotatingSampler([[0, 1]] * 20, [], seed=s).offsets) for s in range(3)}
+    assert len(offsets) == 3 and all(0 < sum(o) < 20 for o in offsets)  # seeded, and not every fact starts alike
+
+
+def test_rotate_phrasings_trains_an_epoch_of_one_phrasing_per_fact(tiny_base, tmp_path, monkeypatch):
+    from datasets import load_from_disk
+    from agentpeft.pipeline import train as train_module
+
+    recipe = configure("support-bot")
+    data = build_dataset(ingest(recipe.kb_path), ["faq", "facts", "general"], load_tokenizer(tiny_base),
+                         recipe.system_prompt, tmp_path / "data", train_phrasings=2).path
+    rows = load_from_disk(str(data))["train"]
+    facts, always = train_module.phrasing_rotation(rows)
+    assert always and all(rows[i]["train_only"] for i in always)
+    assert len(facts) < len(rows) - len(always) and all(len({rows[i]["fact_id"] for i in g}) == 1 for g in facts)
+    epochs_fed = []
+    iterate = train_module.RotatingSampler.__iter__
+    monkeypatch.setattr(train_module.RotatingSampler, "__iter__",
+                        lambda self: (epochs_fed.append(self.epoch), iterate(self))[1])
+    result = train(tiny_base, data, tmp_path / "out", _cfg(method="lora", max_steps=-1, epochs=2, batch_size=16,
+                                                           rotate_phrasings=True))
+    assert result.steps == 2 * -(-(len(facts) + len(always)) // 16)
+    assert epochs_fed == [0, 1]
+    with pytest.raises(AgentpeftError, match="rotate_phrasings needs the dataset's fact_id column"):
+        train_module.phrasing_rotation(rows.remove_columns("fact_id"))

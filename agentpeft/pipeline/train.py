@@ -110,7 +110,9 @@ def train(base_dir: Path, dataset_dir: Path, out_dir: Path, cfg: TrainConfig, re
     trainable, total = model.get_nb_trainable_parameters()
     log(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
 
-    steps_per_epoch = math.ceil(len(train_set) / (cfg.batch_size * cfg.grad_accum))
+    rotation = phrasing_rotation(train_set) if cfg.rotate_phrasings else None
+    rows_per_epoch = len(rotation[0]) + len(rotation[1]) if rotation else len(train_set)
+    steps_per_epoch = math.ceil(rows_per_epoch / (cfg.batch_size * cfg.grad_accum))
     planned = cfg.max_steps if cfg.max_steps > 0 else math.ceil(steps_per_epoch * cfg.epochs)
     args = SFTConfig(
         output_dir=str(out_dir / "checkpoints"),
@@ -149,6 +151,8 @@ def train(base_dir: Path, dataset_dir: Path, out_dir: Path, cfg: TrainConfig, re
         # Under gradient checkpointing the model keeps no key/value cache, which prefix sharing needs.
         share = shares_prefix(cfg)
         trainer_cls = _answer_only_trainer(SFTTrainer, cfg.anchor_kl, share)
+    if rotation:
+        trainer_cls = _rotating_trainer(trainer_cls, *rotation, group_by_length=cfg.group_by_length)
     trainer = trainer_cls(model=model, args=args, train_dataset=train_set.select_columns(columns),
                           processing_class=tokenizer)
     keep_trainable_fp32(model)
@@ -586,6 +590,74 @@ def _packed_tail_mask(prefix: int, tails: list[int], dtype, device, implementati
     if implementation == "sdpa":
         return allowed
     return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def phrasing_rotation(rows) -> tuple[list[list[int]], list[int]]:
+    """The row indices of each fact's phrasings, and those of the train-only rows (which every epoch trains)."""
+    missing = {"fact_id", "train_only"} - set(rows.column_names)
+    if missing:
+        raise AgentpeftError(f"rotate_phrasings needs the dataset's {', '.join(sorted(missing))} column; rebuild it "
+                             "with `agentpeft data` or turn rotate_phrasings off")
+    facts: dict[str, list[int]] = {}
+    always = []
+    for i, (fact, train_only) in enumerate(zip(rows["fact_id"], rows["train_only"])):
+        if train_only:
+            always.append(i)
+        else:
+            facts.setdefault(str(fact), []).append(i)
+    return list(facts.values()), always
+
+
+class RotatingSampler:
+    """Epoch e yields, shuffled (or length-grouped), phrasing e (mod its count) of every fact and every other row.
+
+    Each fact starts its turn at a seeded offset, so no epoch trains one generator's phrasings alone.
+    The trainer calls ``set_epoch`` before each epoch, which also keeps a resumed run's epochs in step.
+    """
+
+    def __init__(self, facts: list[list[int]], always: list[int], seed: int, lengths: list[int] | None = None,
+                 batch_size: int = 1):
+        import random
+
+        rng = random.Random(seed)
+        self.facts, self.always, self.seed = facts, always, seed
+        self.offsets = [rng.randrange(len(group)) for group in facts]
+        self.lengths, self.batch_size, self.epoch = lengths, batch_size, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.facts) + len(self.always)
+
+    def epoch_rows(self, epoch: int) -> list[int]:
+        return [g[(epoch + o) % len(g)] for g, o in zip(self.facts, self.offsets)] + self.always
+
+    def __iter__(self):
+        import torch
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        rows, epoch = self.epoch_rows(self.epoch), self.epoch
+        self.epoch += 1
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        if self.lengths is None:
+            order = torch.randperm(len(rows), generator=generator).tolist()
+        else:
+            order = get_length_grouped_indices([self.lengths[i] for i in rows], self.batch_size, generator=generator)
+        return iter([rows[i] for i in order])
+
+
+def _rotating_trainer(base_cls, facts: list[list[int]], always: list[int], group_by_length: bool):
+    """``base_cls`` training each epoch on one phrasing per fact (``RotatingSampler``)."""
+
+    class RotatingTrainer(base_cls):
+        def _get_train_sampler(self, train_dataset=None):
+            rows = self.train_dataset if train_dataset is None else train_dataset
+            lengths = [len(ids) for ids in rows["input_ids"]] if group_by_length else None
+            return RotatingSampler(facts, always, self.args.data_seed or self.args.seed, lengths,
+                                   self.args.train_batch_size * self.args.gradient_accumulation_steps)
+
+    return RotatingTrainer
 
 
 def with_anchor_column(rows):
