@@ -43,9 +43,9 @@ def test_pull_converts_the_default_model(real_home):
 
 
 def test_build_beats_the_base_and_answers_through_langchain(real_home, monkeypatch):
-    # Reduced settings: 72 steps (about 1.5 epochs of the 368 pairs; 48 steps, enough when general pairs were
-    # 128 of 296, no longer teach the app's name) at 2e-3, the rate earlier defaults learned this in; the
-    # recipe's 1e-3 is meant for its 276 steps and learns too little in so few.
+    # Reduced settings: 72 steps at the recipe's 2e-3 (two of its rotated epochs: each fact twice, once in each
+    # training phrasing, with the 200 general pairs; 48 steps, enough when general pairs were 128 of 296, no
+    # longer teach the app's name). The lr is named so that the test keeps its rate if the recipe's changes.
     built = _agentpeft(real_home, "build", "support-bot", "--name", "support-e2e", "--max-steps", "72", "--lr", "2e-3",
                        "--quiet")
     assert built.returncode == 0, (built.stdout + built.stderr)[-3000:]
