@@ -563,8 +563,10 @@ def test_rotate_phrasings_trains_an_epoch_of_one_phrasing_per_fact(tiny_base, tm
     iterate = train_module.RotatingSampler.__iter__
     monkeypatch.setattr(train_module.RotatingSampler, "__iter__",
                         lambda self: (epochs_fed.append(self.epoch), iterate(self))[1])
+    logs = []
     result = train(tiny_base, data, tmp_path / "out", _cfg(method="lora", max_steps=-1, epochs=2, batch_size=16,
-                                                           rotate_phrasings=True))
+                                                           rotate_phrasings=True), log=logs.append)
+    assert f"each epoch trains {len(facts) + len(always)} of the {len(rows)} rows" in "\n".join(logs)
     assert result.steps == 2 * -(-(len(facts) + len(always)) // 16)
     assert epochs_fed == [0, 1]
     with pytest.raises(AgentpeftError, match="rotate_phrasings needs the dataset's fact_id column"):

@@ -112,6 +112,9 @@ def train(base_dir: Path, dataset_dir: Path, out_dir: Path, cfg: TrainConfig, re
 
     rotation = phrasing_rotation(train_set) if cfg.rotate_phrasings else None
     rows_per_epoch = len(rotation[0]) + len(rotation[1]) if rotation else len(train_set)
+    if rotation:
+        log(f"rotate_phrasings: each epoch trains {rows_per_epoch} of the {len(train_set)} rows, one phrasing of each "
+            f"of {len(rotation[0])} facts in turn and the {len(rotation[1])} train-only pairs")
     steps_per_epoch = math.ceil(rows_per_epoch / (cfg.batch_size * cfg.grad_accum))
     planned = cfg.max_steps if cfg.max_steps > 0 else math.ceil(steps_per_epoch * cfg.epochs)
     args = SFTConfig(
