@@ -35,7 +35,11 @@ def test_accelerate_launch_trains_data_parallel_on_two_cpu_processes(tiny_base, 
     log = [json.loads(line) for line in (builds[0] / "train_log.jsonl").read_text().splitlines()]
     steps = [row["step"] for row in log if "loss" in row]
     assert steps == [1, 2]
-    # Two processes of 4 examples each: one optimizer step sees 8 examples.
-    train_rows = sum(1 for _ in (builds[0] / "data" / "train.jsonl").open())
-    assert log[-1]["epoch"] == pytest.approx(2 * 8 / train_rows, rel=0.05)
+    # Two processes of 4 examples each: one optimizer step sees 8 examples, of an epoch that trains one
+    # phrasing of each fact (the recipe's rotate_phrasings) and every train-only pair.
+    from datasets import load_from_disk
+    from agentpeft.pipeline.train import phrasing_rotation
+
+    facts, always = phrasing_rotation(load_from_disk(str(builds[0] / "data" / "dataset"))["train"])
+    assert log[-1]["epoch"] == pytest.approx(2 * 8 / (len(facts) + len(always)), rel=0.05)
     assert (builds[0] / "adapter" / "adapter_model.safetensors").is_file()
