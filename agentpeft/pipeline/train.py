@@ -111,10 +111,12 @@ def train(base_dir: Path, dataset_dir: Path, out_dir: Path, cfg: TrainConfig, re
     log(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
 
     rotation = phrasing_rotation(train_set) if cfg.rotate_phrasings else None
-    rows_per_epoch = len(rotation[0]) + len(rotation[1]) if rotation else len(train_set)
+    rows_per_epoch = len(train_set)
     if rotation:
+        facts, always = rotation
+        rows_per_epoch = len(facts) + len(always)
         log(f"rotate_phrasings: each epoch trains {rows_per_epoch} of the {len(train_set)} rows, one phrasing of each "
-            f"of {len(rotation[0])} facts in turn and the {len(rotation[1])} train-only pairs")
+            f"of {len(facts)} facts in turn and the {len(always)} train-only pairs")
     steps_per_epoch = math.ceil(rows_per_epoch / (cfg.batch_size * cfg.grad_accum))
     planned = cfg.max_steps if cfg.max_steps > 0 else math.ceil(steps_per_epoch * cfg.epochs)
     args = SFTConfig(
@@ -615,7 +617,7 @@ class RotatingSampler:
     """Epoch e yields, shuffled (or length-grouped), phrasing e (mod its count) of every fact and every other row.
 
     Each fact starts its turn at a seeded offset, so no epoch trains one generator's phrasings alone.
-    The trainer calls ``set_epoch`` before each epoch, which also keeps a resumed run's epochs in step.
+    The trainer calls ``set_epoch`` before each epoch (a resumed run too), which picks the epoch's rows.
     """
 
     def __init__(self, facts: list[list[int]], always: list[int], seed: int, lengths: list[int] | None = None,
@@ -640,9 +642,8 @@ class RotatingSampler:
         import torch
         from transformers.trainer_pt_utils import get_length_grouped_indices
 
-        rows, epoch = self.epoch_rows(self.epoch), self.epoch
-        self.epoch += 1
-        generator = torch.Generator().manual_seed(self.seed + epoch)
+        rows = self.epoch_rows(self.epoch)
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
         if self.lengths is None:
             order = torch.randperm(len(rows), generator=generator).tolist()
         else:
