@@ -15,7 +15,11 @@ from pathlib import Path
 from .errors import AgentpeftError
 from .models import home
 
-_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+# Matched with fullmatch: "$" would also match before a trailing newline. Character ranges are ASCII.
+_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+#: A version: a positive whole number in ASCII digits, no leading zero (str.isdigit and int() also take
+#: Unicode digits such as "²" or "٢"); nine digits at most, far below int()'s digit limit.
+_VERSION = re.compile(r"[1-9][0-9]{0,8}")
 
 
 def registry_dir() -> Path:
@@ -31,7 +35,7 @@ def check_name(name: str) -> str:
     if name and name.split(".")[0] in _RESERVED:
         raise AgentpeftError(f"invalid model name {name!r}: {name.split('.')[0]!r} is a reserved device name "
                              "on Windows; pick another --name")
-    if not _NAME.match(name or "") or ".." in name or name.endswith("."):
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name or name.endswith("."):
         raise AgentpeftError(
             f"invalid model name {name!r}: use lower-case letters, digits, '.', '_' or '-' "
             "(at most 64 characters, no slashes), e.g. --name my-bot"
@@ -40,19 +44,26 @@ def check_name(name: str) -> str:
 
 
 def parse_ref(ref: str) -> tuple[str, int | None]:
-    """``NAME`` (the latest version) or ``NAME@VERSION``."""
-    name, _, version = ref.partition("@")
+    """``NAME`` (the latest version) or ``NAME@VERSION``, VERSION a positive whole number."""
+    name, at, version = ref.partition("@")
     check_name(name)
-    if version and not version.isdigit():
-        raise AgentpeftError(f"invalid version {version!r} in {ref!r}; use NAME@N with a number, e.g. {name}@1")
-    return name, int(version) if version else None
+    if at and not _VERSION.fullmatch(version):
+        raise AgentpeftError(f"invalid version {version!r} in {ref!r}; use NAME@N with N a whole number from 1 "
+                             f"(ASCII digits, no leading zero), e.g. {name}@1, or NAME alone for the latest")
+    return name, int(version) if at else None
+
+
+def _version_of(folder: Path) -> int | None:
+    """The version a registry entry folder holds, or None for anything else (staging, trash, stray names)."""
+    return int(folder.name) if _VERSION.fullmatch(folder.name) else None
 
 
 def versions(name: str) -> list[int]:
     folder = registry_dir() / name
     if not folder.is_dir():
         return []
-    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and (p / "manifest.json").is_file())
+    return sorted(v for p in folder.iterdir()
+                  if (v := _version_of(p)) is not None and (p / "manifest.json").is_file())
 
 
 def resolve(ref: str) -> Path:
@@ -61,7 +72,8 @@ def resolve(ref: str) -> Path:
     known = versions(name)
     if not known:
         raise AgentpeftError(f"no model named {name!r} in the registry; build one with `agentpeft build RECIPE --name {name}` or see `agentpeft list`")
-    version = version or known[-1]
+    if version is None:
+        version = known[-1]
     if version not in known:
         raise AgentpeftError(f"{name} has no version {version}; versions: {', '.join(map(str, known))}")
     return registry_dir() / name / str(version)
@@ -99,7 +111,7 @@ def remove(ref: str) -> list[Path]:
     name, version = parse_ref(ref)
     resolve(ref)  # the error names what exists
     with _lock(name) as folder:
-        targets = [folder / str(version)] if version else [folder / str(v) for v in versions(name)]
+        targets = [folder / str(version)] if version is not None else [folder / str(v) for v in versions(name)]
         for target in targets:
             # Renamed away first, so a reader never sees a half-deleted version.
             trash = Path(tempfile.mkdtemp(prefix=".trash-", dir=folder))

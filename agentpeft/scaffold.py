@@ -11,7 +11,8 @@ from string import Template
 
 from .errors import AgentpeftError
 
-_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+# Matched with fullmatch: "$" would also match before a trailing newline. Character ranges are ASCII.
+_NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")
 
 PYPROJECT = Template('''\
 [build-system]
@@ -207,7 +208,7 @@ def scaffold(name: str, directory: str | Path = ".") -> Path:
     """
     from .recipe import get_recipes
 
-    if not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise AgentpeftError(f"recipe name {name!r} must be lower-case letters, digits, '.', '_' or '-', "
                              "starting with a letter or digit (for example acme-hr)")
     if name in get_recipes():

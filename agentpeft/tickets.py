@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from contextlib import closing
 from datetime import datetime, timezone
@@ -21,6 +22,10 @@ CREATE TABLE IF NOT EXISTS tickets (
     status TEXT NOT NULL DEFAULT 'open'
 )
 """
+# An address in ASCII, matched whole with fullmatch ("$" would let a trailing newline through). The
+# same address syntax the create_ticket tool accepts; input over 254 characters is refused before matching.
+_EMAIL = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+")
 _COLUMNS = ("id", "created", "model", "email", "subject", "body", "status")
 _SELECT = "SELECT id, created, model, email, subject, body, status FROM tickets"
 
@@ -39,9 +44,19 @@ def _connect(path: Path) -> sqlite3.Connection:
         raise AgentpeftError(f"cannot open the ticket store {path}: {exc}; check that AGENTPEFT_HOME is writable") from None
 
 
+def check_email(email: str) -> str:
+    """``email`` if it is one plain address (name@example.com, at most 254 characters); AgentpeftError otherwise."""
+    if not isinstance(email, str) or len(email) > 254 or not _EMAIL.fullmatch(email):
+        shown = email[:80] + "..." if isinstance(email, str) and len(email) > 80 else email
+        raise AgentpeftError(f"invalid e-mail address {shown!r}: give one address such as name@example.com, "
+                             "without spaces or line breaks")
+    return email
+
+
 def create_ticket(email: str, subject: str, body: str, model: str | None = None,
                   path: Path | None = None) -> int:
     """Store a ticket and return its id. Values are bound as SQL parameters, never formatted into SQL."""
+    check_email(email)
     path = path or tickets_path()
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     with closing(_connect(path)) as conn:

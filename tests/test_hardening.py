@@ -1,0 +1,111 @@
+"""Hostile input to the registry, the name and address checks, PII redaction and the weights gate.
+
+The table in docs/reliability.md names each test here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from agentpeft import registry
+from agentpeft.cli import cli
+from agentpeft.errors import AgentpeftError
+
+
+def _seed(name: str = "bot", versions: int = 1) -> list[Path]:
+    """Publish ``versions`` small versions of ``name`` through the real registry code."""
+    src = Path(os.environ["AGENTPEFT_HOME"]).parent / f"seed-{name}"
+    manifest = {"recipe": "support-bot", "base_model": {"name": "b", "sha256": "0" * 64}, "agentpeft_version": "0",
+                "created": "now", "dataset": {"facts": 1, "splits": {"train": 1, "eval": 1}, "hash": "0" * 64},
+                "train": {"config": {"method": "lora"}}, "merge": None,
+                "metrics": {"primary": "accuracy", "base": {"accuracy": 0.0}, "tuned": {"accuracy": 1.0}}}
+    paths = []
+    for _ in range(versions):
+        src.mkdir(parents=True, exist_ok=True)
+        (src / "adapter_model.safetensors").write_bytes(b"weights")
+        paths.append(registry.publish(name, {"adapter": src}, manifest)[1])
+    return paths
+
+
+def _one_line_error(result, *fragments: str) -> str:
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    lines = result.output.strip().splitlines()
+    assert lines and lines[-1].startswith("Error: "), result.output
+    assert sum(line.startswith("Error") for line in lines) == 1, result.output
+    for fragment in fragments:
+        assert fragment in lines[-1], lines[-1]
+    return lines[-1]
+
+
+# --- Registry references ---------------------------------------------------------------------------------
+
+
+BAD_VERSIONS = ["0", "00", "01", "-1", "+1", "²", "٢", "1\n", " 1", "", "1@2", "9" * 5000]
+
+
+@pytest.mark.parametrize("version", BAD_VERSIONS)
+def test_bad_versions_are_refused_and_rm_removes_nothing(version, home):
+    _seed("bot", versions=2)
+    before = registry.versions("bot")
+    for args in (["rm", f"bot@{version}", "--yes"], ["show", f"bot@{version}"],
+                 ["export", f"bot@{version}", str(home.parent / "out")]):
+        _one_line_error(CliRunner().invoke(cli, args), "invalid version")
+    assert registry.versions("bot") == before == [1, 2]
+    assert not (home.parent / "out").exists()
+    with pytest.raises(AgentpeftError, match="invalid version"):
+        registry.resolve(f"bot@{version}")
+
+
+def test_version_zero_is_not_latest_in_load_llm(home):
+    from agentpeft.langchain import load_llm
+
+    _seed("bot")
+    for version in (0, -1):
+        with pytest.raises(AgentpeftError, match="invalid version"):
+            load_llm("bot", version)
+    with pytest.raises(AgentpeftError, match="invalid version"):
+        load_llm("bot@0")
+
+
+@pytest.mark.parametrize("name", ["bot\n", "bot\r", "bot ", "bÖt", "bot\x00", "ｂot", "b" * 65])
+def test_names_with_a_trailing_newline_or_non_ascii_letters_are_refused(name, home):
+    with pytest.raises(AgentpeftError, match="invalid model name"):
+        registry.check_name(name)
+    _one_line_error(CliRunner().invoke(cli, ["show", name]), "invalid model name")
+
+
+def test_version_folders_that_are_not_plain_numbers_are_not_versions(home):
+    entry = _seed("bot")[0]
+    for stray in ("0", "01", "²", "٢", "1\n"):
+        (entry.parent / stray).mkdir()
+        (entry.parent / stray / "manifest.json").write_text((entry / "manifest.json").read_text())
+    assert registry.versions("bot") == [1]
+    assert [row["versions"] for row in registry.list_models()] == [[1]]
+
+
+@pytest.mark.parametrize("name", ["acme\n", "acme-hr\n", "Acme", "acme hr", "acmé", ""])
+def test_scaffold_refuses_names_with_a_trailing_newline(name, tmp_path):
+    from agentpeft.scaffold import scaffold
+
+    with pytest.raises(AgentpeftError, match="recipe name"):
+        scaffold(name, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("email", ["bo@example.com\n", "bo@example.com\nBcc: x@y.z", "bo@exämple.com",
+                                   "bo @example.com", "bo@example", "", "a" * 250 + "@b.co"])
+def test_create_ticket_refuses_addresses_that_are_not_one_plain_address(email, tmp_path):
+    from agentpeft.tickets import create_ticket, list_tickets
+
+    db = tmp_path / "tickets.sqlite3"
+    with pytest.raises(AgentpeftError, match="invalid e-mail address"):
+        create_ticket(email, "Refund", "Where is my refund?", path=db)
+    assert not db.exists() or list_tickets(path=db) == []
+    assert create_ticket("bo@example.com", "Refund", "Where is my refund?", path=db) == 1
