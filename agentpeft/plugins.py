@@ -1,8 +1,15 @@
-"""The pluggy plugin manager: built-in plugins plus the ``agentpeft`` entry-point group."""
+"""The pluggy plugin manager: built-in plugins plus the ``agentpeft`` entry-point group.
+
+A third-party plugin cannot break the commands: an entry point whose import raises (``SystemExit``
+included) is not registered, and each hook of a registered plugin runs in isolation, so one that
+raises is recorded in ``failed_plugins`` and skipped while every other plugin's hooks still run.
+"""
 
 from __future__ import annotations
 
+import functools
 import importlib
+import logging
 import os
 from importlib.metadata import entry_points
 
@@ -22,17 +29,88 @@ DEFAULT_PLUGINS = (
     "agentpeft.default_plugins.tech_docs",
 )
 
-pm = pluggy.PluginManager("agentpeft")
-pm.add_hookspecs(hookspecs)
+log = logging.getLogger(__name__)
 
-#: Entry points that failed to load: ``{name: "error message"}``.
+#: Plugins that failed to load or whose hooks raised: ``{name: "error message"}``.
 failed_plugins: dict[str, str] = {}
+#: The hooks each plugin failed in: ``{plugin name: {hook name: "error"}}``.
+hook_failures: dict[str, dict[str, str]] = {}
 #: The distribution each third-party plugin came from: ``{name: "package version"}``.
 plugin_packages: dict[str, str] = {}
 #: Entry points not loaded because ``AGENTPEFT_DISABLE_PLUGINS`` names them (or is ``1``).
 disabled_plugins: list[str] = []
 
 _loaded = False
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _record_hook_failure(plugin_name: str, hook_name: str, exc: BaseException) -> None:
+    """Note that a plugin's hook raised: listed by ``agentpeft plugins``, warned about once per hook."""
+    hooks = hook_failures.setdefault(plugin_name, {})
+    first = hook_name not in hooks
+    hooks[hook_name] = _one_line(exc)
+    failed_plugins[plugin_name] = "; ".join(f"{hook} raised {error}" for hook, error in hooks.items())
+    if first:
+        log.warning("plugin %r failed in %s (%s) and was skipped there; `agentpeft plugins` lists it, "
+                    "AGENTPEFT_DISABLE_PLUGINS=%s turns it off", plugin_name, hook_name, hooks[hook_name],
+                    plugin_name)
+
+
+def _isolated(plugin_name: str, hook_name: str, function, argnames: tuple[str, ...]):
+    """``function`` (one plugin's hook implementation) with whatever it raises recorded, not raised.
+
+    What it passes to ``register`` is held back until it returns, so a hook that fails halfway
+    registers nothing rather than part of its items.
+    """
+
+    @functools.wraps(function)
+    def call(*args, **kwargs):
+        bound = {**dict(zip(argnames, args)), **kwargs}
+        register = bound.get("register")
+        held: list = []
+        if register is not None:
+            bound["register"] = held.append
+        try:
+            result = function(**bound)
+            for item in held:
+                register(item)
+            return result
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # SystemExit too: one plugin must not end every command
+            _record_hook_failure(plugin_name, hook_name, exc)
+            return None
+
+    return call
+
+
+class PluginManager(pluggy.PluginManager):
+    """A pluggy manager that isolates the hooks of every plugin but the built-in ones (see ``_isolated``)."""
+
+    def register(self, plugin: object, name: str | None = None) -> str | None:
+        name = super().register(plugin, name)
+        if name is None or name in DEFAULT_PLUGINS:
+            return name
+        for caller in self.get_hookcallers(plugin) or []:
+            for impl in caller.get_hookimpls():
+                # Wrappers are generators around the other implementations: left as they are.
+                if impl.plugin is plugin and not (impl.wrapper or impl.hookwrapper):
+                    impl.function = _isolated(name, caller.name, impl.function, tuple(impl.argnames))
+        return name
+
+
+def new_plugin_manager() -> PluginManager:
+    """An empty plugin manager with agentpeft's hook specifications."""
+    manager = PluginManager("agentpeft")
+    manager.add_hookspecs(hookspecs)
+    return manager
+
+
+pm = new_plugin_manager()
 
 
 def _disabled() -> set[str] | bool:
@@ -64,8 +142,10 @@ def load_plugins() -> pluggy.PluginManager:
             pm.register(ep.load(), ep.name)
             if ep.dist is not None:
                 plugin_packages[ep.name] = f"{ep.dist.name} {ep.dist.version}"
-        except Exception as exc:  # a broken plugin must never break the CLI
-            failed_plugins[ep.name] = f"{type(exc).__name__}: {exc}"
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # a broken plugin must never break the CLI, even one calling sys.exit
+            failed_plugins[ep.name] = _one_line(exc)
     return pm
 
 
@@ -74,9 +154,40 @@ def plugin_fingerprint() -> list[str]:
     return sorted(f"{p['name']} {p['package']}" for p in get_plugins())
 
 
+#: Hooks that only register things, with the arguments besides ``register`` to call them with.
+_PROBED = {"register_recipes": {}, "register_loaders": {}, "register_generators": {}, "register_filters": {},
+           "register_metrics": {}, "register_tools": {"recipe": None, "model": None}}
+
+
+def _probe() -> None:
+    """Call each third-party plugin's registering hooks once, discarding what they register, so that
+    one failing in a hook no command has called yet is recorded in ``failed_plugins``."""
+    for plugin in pm.get_plugins():
+        name = pm.get_name(plugin)
+        if name in DEFAULT_PLUGINS:
+            continue
+        for caller in pm.get_hookcallers(plugin) or []:
+            if caller.name not in _PROBED:
+                continue
+            for impl in caller.get_hookimpls():
+                if impl.plugin is plugin and not (impl.wrapper or impl.hookwrapper):
+                    given = {"register": lambda item: None, **_PROBED[caller.name]}
+                    try:  # already isolated when registered through PluginManager; this covers any other
+                        impl.function(**{arg: given.get(arg) for arg in impl.argnames})
+                    except KeyboardInterrupt:
+                        raise
+                    except BaseException as exc:
+                        _record_hook_failure(name, caller.name, exc)
+
+
 def get_plugins() -> list[dict]:
-    """Describe every registered plugin: name, hooks and distribution."""
+    """Describe every registered plugin: name, hooks and distribution.
+
+    Third-party plugins' registering hooks are called once first, so that ``failed_plugins`` also
+    lists a plugin whose hook raises.
+    """
     load_plugins()
+    _probe()
     out = []
     for plugin in pm.get_plugins():
         name = pm.get_name(plugin)
