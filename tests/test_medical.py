@@ -135,3 +135,61 @@ def test_medical_qa_builds_on_the_tiny_model(tiny_base, home):
     rows = [json.loads(line) for line in (result.build_dir / "data" / "train.jsonl").read_text().splitlines()]
     assert all(r["answer"].endswith(medical.SAFETY_NOTE) for r in rows)
     assert any(medical.is_refusal(r["answer"]) for r in rows) and any(".xml" in r["source"] for r in rows)
+
+
+# --- MedQuAD XML: both schemas; stray files are skipped, not fatal ---------------------------------
+
+SECOND_SCHEMA = """<?xml version="1.0" encoding="UTF-8"?>
+<doc docid="0000099" corpus="NINDS" url="http://example.org/brindle">
+<doctitle-focus>Brindle Syndrome</doctitle-focus>
+<umls>
+<cui></cui>
+</umls>
+<qaPairs>
+<pair pid="1">
+<question qid="0000099-1" qtype="information">what is brindle syndrome ?</question>
+<answer>Brindle syndrome is a made-up disorder of the left  elbow.   It is rare.</answer>
+</pair>
+<pair pid="2">
+<question qid="0000099-2" qtype="treatment">is there any treatment for Brindle ?</question>
+<answer></answer>
+</pair>
+</qaPairs>
+</doc>
+"""
+
+
+def test_medquad_loader_reads_the_second_schema(tmp_path):
+    from agentpeft.pipeline.ingest import ingest
+
+    path = tmp_path / "0000099.xml"
+    path.write_text(SECOND_SCHEMA)
+    [doc] = ingest(path, ["medquad"])
+    assert doc.page_content == "Brindle syndrome is a made-up disorder of the left  elbow.   It is rare."
+    assert doc.metadata == {"source": str(path), "line": 8, "question": "what is brindle syndrome ?",
+                            "qtype": "information", "qid": "0000099-1", "focus": "Brindle Syndrome",
+                            "url": "http://example.org/brindle", "collection": "NINDS"}
+
+
+def test_medquad_loader_skips_foreign_and_broken_xml_with_the_reason(tmp_path, caplog):
+    from agentpeft.errors import AgentpeftError
+    from agentpeft.pipeline.ingest import SkipFile, ingest
+
+    kb = tmp_path / "kb"
+    kb.mkdir()
+    (kb / "0000099.xml").write_text(SECOND_SCHEMA)
+    (kb / "sitemap.xml").write_text("<?xml version='1.0'?>\n<urlset><url/></urlset>\n")
+    (kb / "broken.xml").write_text("<Document>\n<QAPairs>\n<QAPair>\n</Document>\n")
+    with caplog.at_level("WARNING"):
+        docs = ingest(kb, ["medquad"])
+    assert [d.metadata["question"] for d in docs] == ["what is brindle syndrome ?"]
+    [warning] = [r.getMessage() for r in caplog.records if "ingest skipped" in r.getMessage()]
+    assert "sitemap.xml (line 2: root element <urlset> is not MedQuAD's <Document> or <doc>)" in warning
+    assert "broken.xml (malformed XML, line 4: " in warning
+    with pytest.raises(SkipFile, match="root element <urlset>"):
+        from agentpeft.default_plugins.medquad import load_medquad
+
+        load_medquad(kb / "sitemap.xml")
+    # --strict turns the skipped files into one error that names both
+    with pytest.raises(AgentpeftError, match=r"2 file\(s\) .*broken\.xml \(malformed XML.*sitemap\.xml"):
+        ingest(kb, ["medquad"], strict=True)
