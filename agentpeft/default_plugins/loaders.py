@@ -1,6 +1,6 @@
 """Built-in knowledge-base loaders.
 
-Prose (markdown, text, html, rst, pdf) becomes chunk Documents with metadata ``source``, ``line``,
+Prose (markdown, text, html, rst, pdf, docx) becomes chunk Documents with metadata ``source``, ``line``,
 ``heading`` (deepest heading or ""), ``headings`` (outermost first) and ``title``; a section longer
 than ``chunk_size`` characters is split with langchain's RecursiveCharacterTextSplitter, and a code
 block is never cut (one longer than ``chunk_size`` becomes a chunk of its own).
@@ -265,10 +265,11 @@ def load_html(path: Path, chunk_size: int = 1500, chunk_overlap: int = 150) -> l
     title = soup.title.get_text(" ", strip=True) if soup.title else ""
     for tag in soup(["script", "style", "noscript", "template", "head", "title"]):
         tag.decompose()
+    root = _html_content(soup)
     sections: list[tuple[int, list[str], list[str]]] = [(1, [], [])]  # line, trail, text parts
     trail: list[str] = []
     skip_inside: Tag | None = None
-    for el in soup.descendants:
+    for el in root.descendants:
         if skip_inside is not None:
             if _within(el, skip_inside):
                 continue
@@ -296,6 +297,30 @@ def load_html(path: Path, chunk_size: int = 1500, chunk_overlap: int = 150) -> l
         chunks = chunk_text(body, chunk_size, chunk_overlap, fenced_spans(body))
         docs += _prose(path, title, section_trail, line, chunks, None)
     return docs
+
+
+#: Page furniture that is not the page's content: menus, banners, footers, cookie notices, forms.
+_HTML_CHROME = ("nav", "footer", "aside", "form", "button", "dialog", "svg", "iframe")
+_HTML_CHROME_ROLES = {"navigation", "banner", "contentinfo", "search", "complementary", "dialog", "alert"}
+_HTML_CHROME_NAMES = re.compile(r"(?:^|[-_ ])(?:nav|navbar|menu|breadcrumbs?|cookies?|cookie-banner|consent|footer|"
+                                r"sidebar|skip-link|share|social|newsletter|banner)(?:$|[-_ ])", re.I)
+
+
+def _html_content(soup):
+    """The page's content: its ``<main>`` (or single ``<article>``) without navigation, banners, footers,
+    sidebars and cookie notices, which every page of a help center repeats."""
+    root = soup.find("main") or soup.find(attrs={"role": "main"})
+    if root is None:
+        articles = soup.find_all("article")
+        root = articles[0] if len(articles) == 1 else (soup.body or soup)
+    chrome = [el for el in root.find_all(True) if el.name in _HTML_CHROME
+              or (el.get("role") or "").lower() in _HTML_CHROME_ROLES
+              or _HTML_CHROME_NAMES.search(" ".join([el.get("id") or "", *(el.get("class") or [])]))
+              or (el.name == "header" and not el.find(_HTML_HEADINGS))]
+    for el in chrome:
+        if not el.decomposed:
+            el.decompose()
+    return root
 
 
 def _within(el, ancestor) -> bool:
@@ -337,12 +362,72 @@ def load_pdf(path: Path, chunk_size: int = 1500, chunk_overlap: int = 150) -> li
     except Exception as exc:  # pypdf raises many exception types on a corrupt file
         raise SkipFile(path, f"not a readable PDF ({type(exc).__name__})") from None
     title = str(meta_title).strip() if meta_title and str(meta_title).strip() else path.stem
+    if pages and not any(page.strip() for page in pages):
+        raise SkipFile(path, f"no text layer in its {len(pages)} page(s) (a scanned PDF needs OCR first)")
     docs: list[Document] = []
     for number, page in enumerate(pages, 1):
         page = page.replace("\r\n", "\n").replace("\x00", "")
         lines = _Lines(page)
         chunks = chunk_text(page, chunk_size, chunk_overlap)
         docs += _prose(path, title, [], lines(chunks[0][0]) if chunks else 1, chunks, lines, page=number)
+    return docs
+
+
+# --- Word documents ----------------------------------------------------------------------------------
+
+_DOCX_HEADING = re.compile(r"^(?:Heading|Überschrift|Titre|Titolo|Título)\s*(\d)$", re.I)
+
+
+def load_docx(path: Path, chunk_size: int = 1500, chunk_overlap: int = 150) -> list[Document]:
+    """Sections at Word's heading styles (python-docx), chunked; list items and table rows one line each.
+
+    ``line`` counts paragraphs (and table rows) from the top of the document.
+    """
+    import docx
+    from docx.table import Table
+
+    try:
+        if path.stat().st_size == 0:
+            raise SkipFile(path, "empty")
+        document = docx.Document(str(path))
+        blocks = list(document.iter_inner_content())
+        core_title = (document.core_properties.title or "").strip()
+    except SkipFile:
+        raise
+    except OSError as exc:
+        raise SkipFile(path, f"unreadable ({exc.strerror or exc})") from None
+    except Exception as exc:  # python-docx raises assorted types on a damaged or foreign file
+        raise SkipFile(path, f"not a readable DOCX ({type(exc).__name__})") from None
+    sections: list[tuple[int, list[str], list[str]]] = [(1, [], [])]  # line, trail, lines of text
+    trail: list[str] = []
+    title = core_title
+    number = 0
+    for block in blocks:
+        if isinstance(block, Table):
+            for row in block.rows:
+                number += 1
+                cells = list(dict.fromkeys(c.text.strip() for c in row.cells if c.text.strip()))
+                if cells:
+                    sections[-1][2].append(" | ".join(cells))
+            sections[-1][2].append("")
+            continue
+        number += 1
+        text = block.text.strip()
+        style = (block.style.name if block.style is not None else "") or ""
+        level = 1 if style == "Title" else int(m.group(1)) if (m := _DOCX_HEADING.match(style)) else 0
+        if level and text:
+            title = title or text
+            trail = trail[: level - 1] + [text]
+            sections.append((number, list(trail), []))
+        elif text:
+            bullet = "- " if "List" in style or block._p.pPr is not None and block._p.pPr.numPr is not None else ""
+            sections[-1][2].append(bullet + text)
+            if not bullet:
+                sections[-1][2].append("")
+    docs: list[Document] = []
+    for line, section_trail, lines in sections:
+        body = re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+        docs += _prose(path, title or path.stem, section_trail, line, chunk_text(body, chunk_size, chunk_overlap), None)
     return docs
 
 
@@ -494,6 +579,7 @@ def register_loaders(register):
     register(Loader("html", (".html", ".htm"), load_html))
     register(Loader("rst", (".rst",), load_rst))
     register(Loader("pdf", (".pdf",), load_pdf))
+    register(Loader("docx", (".docx",), load_docx))
     register(Loader("csv", (".csv", ".tsv"), load_csv))
     register(Loader("jsonl", (".jsonl",), load_jsonl))
     register(Loader("yaml", (".yaml", ".yml"), load_yaml))

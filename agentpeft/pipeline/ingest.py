@@ -1,9 +1,10 @@
 """Stage 1, ingest: a knowledge-base folder or file becomes LangChain Documents.
 
-Files that cannot be read as text (unreadable, binary, not UTF-8) are skipped with one warning that
-lists them all (``strict=True`` makes that an error); empty files are skipped and named in the same
-warning. A malformed structured file (YAML, JSONL, CSV, XML) fails the whole stage with its file and
-line, and a knowledge base that yields no Document fails with a clear message. Hidden files and
+Files that cannot be read (unreadable, binary, not UTF-8, a PDF without a text layer, a malformed
+YAML, JSONL, CSV or XML file) are skipped with one warning that lists them all with the reason
+(``strict=True`` makes the first such file an error, with its file and line); empty files are
+skipped and named in the same warning. A knowledge base that yields no Document fails with a clear
+message naming the files and why. Hidden files and
 folders (a name starting with ".") are not read; symbolic links are followed, each folder once.
 """
 
@@ -191,18 +192,23 @@ def ingest(kb: Path | str, loaders: list[str] | None = None, options: dict[str, 
         except SkipFile as exc:
             (empty if exc.reason == "empty" else problems).append((path, exc.reason))
             continue
+        except AgentpeftError as exc:  # a malformed structured file: one bad file must not stop the others
+            if strict:
+                raise
+            problems.append((path, str(exc).replace(str(path), "").lstrip(":; ").split("; ")[0] or "malformed"))
+            continue
         if not got:
             empty.append((path, "nothing to load"))
         documents.extend(got)
 
     if problems and strict:
         raise AgentpeftError(
-            f"{len(problems)} file(s) in {kb} cannot be read as text: {_listing(kb, problems)}; "
+            f"{len(problems)} file(s) in {kb} cannot be read: {_listing(kb, problems)}; "
             "fix or remove them, or build without --strict to skip them"
         )
     skipped = []
     if problems:
-        skipped.append(f"{len(problems)} file(s) that cannot be read as text: {_listing(kb, problems)}")
+        skipped.append(f"{len(problems)} file(s) that cannot be read: {_listing(kb, problems)}")
     if empty:
         skipped.append(f"{len(empty)} file(s) with no content: {_listing(kb, empty)}")
     if not documents:
