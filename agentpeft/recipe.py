@@ -19,8 +19,15 @@ class _Strict(BaseModel):
 class DataConfig(_Strict):
     """How the knowledge base becomes instruction pairs."""
 
-    loaders: list[str] = ["markdown"]
-    generators: list[str] = ["faq", "facts"]
+    loaders: list[str] | None = Field(None, description=(
+        "loaders that read the knowledge base; None: every registered loader (Markdown, text, HTML, reStructuredText, "
+        "PDF, DOCX, CSV/TSV, JSONL, qna.yaml, MedQuAD XML and plugins' own)"))
+    generators: list[str] = Field(["faq", "facts", "qa"], description=(
+        "generators that turn Documents into question/answer pairs, in order"))
+    auto_generators: bool = Field(True, description=(
+        "every section no listed generator turns into a pair goes through the built-in generator that fits it: qa for "
+        "question/answer documents, faq for question headings, prose synthesis for the rest; false: only the listed "
+        "generators run"))
     train_phrasings: int = Field(4, ge=1, le=8, description="question phrasings per fact in train")
     seed: int = 0
     loader_options: dict[str, dict] = Field({}, description="per-loader options, e.g. {csv: {question: q}}")
@@ -40,8 +47,9 @@ class DataConfig(_Strict):
     redact_pii: bool = False
     replay: int = Field(96, ge=0, description="general prompts the base model answers, mixed into train by the "
                                               "replay generator (self-distillation against forgetting)")
-    general: int = Field(128, ge=0, le=202, description="general-knowledge Q/A pairs (written by us, disjoint from the "
-                                                       "forgetting probe) mixed into train by the general generator")
+    general: int = Field(202, ge=0, le=202, description=(
+        "general-knowledge Q/A pairs (shipped with agentpeft, disjoint from the forgetting probe) mixed into train "
+        "against forgetting, held to the base model by train.anchor_kl; 0: none"))
     dedup_threshold: float = Field(0.85, gt=0, le=1, description="MinHash Jaccard above which pairs are near-duplicates")
 
 
@@ -88,7 +96,7 @@ class TrainConfig(_Strict):
     fuse_shared_inputs: bool = Field(False, description=(
         "run the frozen linear layers that read one input (q/k/v, gate/up) and their LoRA adapters as one matmul "
         "each for the base, the adapters' A and their B: the same sums in fewer, larger matmuls"))
-    anchor_kl: float = Field(0.0, ge=0, description=(
+    anchor_kl: float = Field(3.0, ge=0, description=(
         "train-only general pairs hold the model to its base: their loss is this weight times the KL divergence "
         "from the base model's next-token distributions (adapter off) instead of cross-entropy; 0: cross-entropy"))
     save_steps: int = Field(0, ge=0, description="checkpoint every N steps; 0 = four times per run")
@@ -117,9 +125,15 @@ class EvalConfig(_Strict):
 class RetrievalConfig(_Strict):
     """Retrieval-augmented mode: top kb_search passages in the prompt, trained RAFT-style."""
 
-    enabled: bool = False
+    enabled: bool | Literal["auto"] = Field("auto", description=(
+        "true: questions are asked with their top kb_search passages, in training, evaluation and use; auto: on when "
+        "at least prose_share of the knowledge base's facts come from prose synthesis"))
     k: int = Field(3, ge=1, le=20, description="passages put into each prompt")
-    distractors: int = Field(2, ge=0, le=20, description="unrelated passages mixed into each training prompt")
+    distractors: int = Field(1, ge=0, le=20, description=(
+        "of a training prompt's k passages, how many are unrelated ones in place of retrieved ones (RAFT)"))
+    prose_share: float = Field(0.5, ge=0, le=1, description="the share of prose-synthesized facts that turns auto on")
+    max_seq_len: int = Field(640, ge=64, description=(
+        "longest training row with its passages, in tokens (train.max_seq_len where that is longer)"))
 
 
 class Recipe(_Strict):
@@ -128,6 +142,9 @@ class Recipe(_Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
     description: str = ""
     system_prompt: str
+    kb_system_prompt: str | None = Field(None, description=(
+        "the system prompt when --kb replaces the recipe's own knowledge base (it names no company of the recipe's); "
+        "None: system_prompt"))
     base_model: str = "smollm2-135m"
     knowledge_base: Path | None = None
     data: DataConfig = DataConfig()
@@ -203,14 +220,17 @@ def get_recipe(name: str) -> Recipe:
 
 
 def configure(recipe: str | Recipe, kb: str | Path | None = None, base: str | None = None,
-              strict: bool | None = None, data_mix: dict | None = None, **train_overrides) -> Recipe:
+              strict: bool | None = None, data_mix: dict | None = None, system_prompt: str | None = None,
+              retrieval: bool | str | None = None, **train_overrides) -> Recipe:
     """The recipe with command-line overrides applied (``train_overrides`` are TrainConfig fields,
     ``data_mix`` DataConfig fields such as ``general`` and ``train_phrasings``; ``strict`` fails on
-    unreadable knowledge-base files instead of skipping them). ``None`` values leave the recipe's own."""
+    unreadable knowledge-base files instead of skipping them; ``retrieval`` is True, False or "auto").
+    ``None`` values leave the recipe's own.
+
+    A ``kb`` other than the recipe's own knowledge base takes ``kb_system_prompt`` as the system prompt,
+    so that a model built on another company's documents does not introduce itself as the recipe's;
+    ``system_prompt`` sets it outright."""
     recipe = recipe if isinstance(recipe, Recipe) else get_recipe(recipe)
-    if (data_mix or {}).get("general") is not None and "general" not in recipe.data.generators:
-        raise AgentpeftError(f"--general: recipe {recipe.name!r} mixes no general pairs (no 'general' in "
-                             "data.generators); drop --general or add the generator to the recipe")
     train = _overridden(recipe.train, train_overrides)
     if train.loraplus_lr_ratio > 1 and train.method in ("prefix", "prompt"):
         raise AgentpeftError(f"--loraplus-lr-ratio applies to qlora, lora and dora, not {train.method}; drop it")
@@ -219,6 +239,15 @@ def configure(recipe: str | Recipe, kb: str | Path | None = None, base: str | No
         raise AgentpeftError("--kb is empty; pass a knowledge-base folder or file")
     if kb is not None:
         update["knowledge_base"] = Path(kb).resolve()
+        own = recipe.kb_path.resolve() if recipe.kb_path is not None else None
+        if own != update["knowledge_base"] and recipe.kb_system_prompt:
+            update["system_prompt"] = recipe.kb_system_prompt
+    if system_prompt is not None:
+        if not system_prompt.strip():
+            raise AgentpeftError("--system-prompt is empty; pass the text the model is told before each chat")
+        update["system_prompt"] = system_prompt.strip()
+    if retrieval is not None:
+        update["retrieval"] = _overridden(recipe.retrieval, {"enabled": retrieval})
     if base is not None:
         update["base_model"] = base
     return recipe.model_copy(update=update)

@@ -16,7 +16,7 @@ from langchain_core.outputs import ChatGeneration, ChatResult
 
 from agentpeft.cli import cli
 from agentpeft.default_plugins.filters import dedup_filter, length_filter
-from agentpeft.default_plugins.generators import section_pairs
+from agentpeft.default_plugins.generators import prose_pairs
 from agentpeft.errors import AgentpeftError
 from agentpeft.models import load_tokenizer
 from agentpeft.pii import luhn_valid, redact
@@ -229,10 +229,10 @@ hearth --reset   # not a sentence
 """
 
 
-def test_sections_generator_is_extractive_and_grounded():
+def test_prose_generator_is_extractive_and_grounded():
     docs = [Document(page_content=SECTION, metadata={"source": "kb/hub.md", "line": 3, "heading": "Hearth Hub setup"}),
             Document(page_content="Yes, **30 days**.", metadata={"source": "kb/f.md", "line": 1, "heading": "Can I?"})]
-    pairs = list(section_pairs(docs))
+    pairs = list(prose_pairs(docs))
     plain = " ".join(SECTION.replace("**", "").split())
     assert len(pairs) >= 6
     for pair in pairs:
@@ -240,11 +240,16 @@ def test_sections_generator_is_extractive_and_grounded():
         assert pair.key and pair.key in pair.answer
         assert pair.source == "kb/hub.md:3"
         assert "hearth --reset" not in pair.answer
-    by_q = {p.question: p for p in pairs}
-    assert by_q["How much does the Hearth Hub cost?"].key == "$59"
-    assert by_q["Hearth Hub setup: how can I reset the hub?"].key == "10 seconds"
-    assert by_q["Hearth Hub setup: how long do firmware updates take?"].answer == "Firmware updates take 3 minutes."
-    assert list(section_pairs(docs)) == pairs  # deterministic
+    by_key = {p.key: p for p in pairs}
+    assert by_key["$59"].answer == "The Hearth Hub costs $59."
+    assert by_key["$59"].question == "The Hearth Hub costs how much?"
+    assert by_key["10 seconds"].question == "You can reset the hub by holding the pin button for how long?"
+    assert by_key["3 minutes"].answer == "Firmware updates take 3 minutes."
+    # Each figure question comes with a framed and a keyword phrasing; the keyword one (held out) reorders.
+    framed, keyword = by_key["$59"].paraphrases
+    assert framed == "Hearth Hub setup: the Hearth Hub costs how much?"
+    assert keyword.startswith("How much: ") and "Hearth Hub" in keyword
+    assert list(prose_pairs(docs)) == pairs  # deterministic
 
 
 def test_qa_generator_passes_explicit_pairs_through(tmp_path, tiny_base):

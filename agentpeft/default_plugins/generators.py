@@ -19,7 +19,8 @@ def faq_pairs(documents):
             continue
         text = " ".join(line.strip() for line in doc.page_content.splitlines() if line.strip())
         bold = _BOLD.search(text)
-        yield Pair(question=heading, answer=_BOLD.sub(r"\1", text), key=bold.group(1) if bold else None,
+        answer = _BOLD.sub(r"\1", text)
+        yield Pair(question=heading, answer=answer, key=bold.group(1) if bold else key_fact(answer),
                    source=f"{doc.metadata['source']}:{doc.metadata['line']}")
 
 
@@ -135,18 +136,102 @@ def _mentions(question: str, heading: str) -> bool:
     return not words or bool(words & set(re.findall(r"[a-z0-9]+", question.lower())))
 
 
-def section_pairs(documents):
-    """Each heading with its text gives grounded pairs: an overview question and one per fact sentence.
+_NUMBER_WORDS = "one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|fifteen|twenty|thirty|forty|fifty|hundred"
+_UNITS = {"minute": "minutes", "hour": "hours", "day": "days", "week": "weeks", "month": "months", "year": "years",
+          "business day": "business days", "working day": "working days", "night": "nights", "second": "seconds"}
+_WEEKDAYS = "Monday|Tuesday|Wednesday|Thursday|Friday|Saturday|Sunday"
+_MONTHS = "January|February|March|April|May|June|July|August|September|October|November|December"
+# What a prose sentence can state, most specific first: (pattern, question word(s) for it).
+_SLOTS = (
+    (re.compile(r"[$€£]\s?\d[\d,]*(?:\.\d+)?(?:\s?(?:per|a|an)\s\w+)?|\b\d[\d,]*(?:\.\d+)?\s?(?:dollars|euros|pounds|USD|EUR|GBP)\b"),
+     "how much"),
+    (re.compile(r"\b\d{1,2}(?::\d{2})?\s?(?:a\.m\.|p\.m\.|am|pm|AM|PM)(?=\W|$)|\b(?:noon|midnight)\b|\b\d{1,2}:\d{2}\b"),
+     "what time"),
+    (re.compile(r"\b\d+(?:\.\d+)?\s?(?:%|percent\b)"), "what percentage"),
+    (re.compile(rf"\b(?:\d+|{_NUMBER_WORDS})(?:\s(?:to|or|-)\s(?:\d+|{_NUMBER_WORDS}))?\s"
+                r"(?:business |working |calendar )?(?:minute|hour|day|week|month|year|night|second)s?\b", re.I),
+     "how long"),
+    (re.compile(rf"\b(?:{_WEEKDAYS})s?(?:\s(?:to|through|and|-)\s(?:{_WEEKDAYS})s?)?\b"), "which days"),
+    (re.compile(rf"\b(?:{_MONTHS})(?:\s\d{{1,2}}(?:st|nd|rd|th)?)?\b(?:,?\s\d{{4}})?"), "when"),
+    (re.compile(r"\b[A-Z]{1,5}-?\d[\w-]*\b|\b[A-Z]{2,}[A-Z0-9]*-[A-Z0-9-]+\b"), "which code"),
+    (re.compile(r"\b\d[\d,]*(?:\.\d+)?\s?(?:kg|g|lb|lbs|km|m|cm|mm|mi|miles|km/h|mph|W|V|GB|MB|TB|lumens|L|ml)\b"),
+     "how much"),
+    (re.compile(rf"\b(?:up to |at most |at least |maximum of |minimum of )?(?:\d+|{_NUMBER_WORDS})\s(?:[a-z]+\s)?[a-z]{{3,}}s\b",
+                re.I), "how many"),
+    (re.compile(r"[\w.+-]+@[\w-]+\.[\w.]+|\b(?:\+?\d[\d ()-]{7,}\d)\b|\bhttps?://\S+|\b[\w-]+\.(?:com|org|net|io)\b"),
+     "which contact"),
+)
+_STOP = frozenset("a an the and or but of to in on at for from by with is are was were be been it its this that these "
+                  "those you your we our they their can will may must should do does did not no if as so than then there "
+                  "also any all each every which who what when where how about into over after before up out".split())
 
-    Extractive and deterministic: every answer is a sentence (or two) of the section, and the key is
-    its first figure or its opening words. Question headings (the faq generator's) and Q/A documents
-    are left to their own generators.
+
+def _slots(sentence: str, limit: int = 3) -> list[tuple[re.Match, str]]:
+    """The figures, times, days, codes, counts and contacts a sentence states (not overlapping, in order),
+    each with the question word for it."""
+    found = sorted(((m, wh) for pattern, wh in _SLOTS for m in pattern.finditer(sentence) if m.group(0).strip()),
+                   key=lambda f: (f[0].start(), -len(f[0].group(0))))
+    picked: list[tuple[re.Match, str]] = []
+    for match, wh in found:
+        if all(match.start() >= p.end() or match.end() <= p.start() for p, _ in picked):
+            picked.append((match, wh))
+    return picked[:limit]
+
+
+def _content_words(text: str, limit: int = 8) -> list[str]:
+    words = [w for w in re.findall(r"[A-Za-z][\w'-]+", text) if w.lower() not in _STOP]
+    return list(dict.fromkeys(words))[:limit]
+
+
+_QUALIFIER = re.compile(r"^(?:up to|at most|at least|maximum of|minimum of)\s+", re.I)
+
+
+def _figure_questions(sentence: str, heading: str) -> list[tuple[str, list[str], str]]:
+    """For each fact a sentence states: a question about it, two other phrasings, and the fact (the key)."""
+    out = []
+    for match, wh in _slots(sentence):
+        fact = match.group(0).strip().rstrip(".,;")
+        before, after = sentence[: match.start()].rstrip(), sentence[match.end():].strip().rstrip(".!")
+        if wh == "how many":  # "up to 24 lamps" -> "how many lamps"
+            wh = f"how many {fact.split()[-1]}"
+        elif wh == "which code" and "code" in before.lower().split()[-2:]:
+            wh = "what"
+        if len(before.split()) + len(after.split()) < 2:
+            continue
+        echo = " ".join(p for p in (before, wh, after) if p).rstrip(" ,;:") + "?"
+        echo = echo[0].upper() + echo[1:]
+        topic = " ".join(_content_words(f"{before} {after}", 7))
+        about = heading if heading and heading.lower() not in topic.lower() else ""
+        keyword = f"{wh[0].upper()}{wh[1:]}: {topic}{f' ({about})' if about else ''}?"
+        framed = f"{about}: {echo[0].lower()}{echo[1:]}" if about else f"Could you tell me: {echo[0].lower()}{echo[1:]}"
+        out.append((echo, [framed, keyword], _QUALIFIER.sub("", fact)))
+    return out
+
+
+def _section_title(doc) -> str:
+    meta = doc.metadata
+    heading = (meta.get("heading") or "").strip()
+    if heading:
+        return heading
+    title = str(meta.get("title") or "").strip()
+    return f"{title}, page {meta['page']}" if title and meta.get("page") else title
+
+
+def prose_pairs(documents):
+    """Grounded pairs synthesized from prose sections, offline and deterministic.
+
+    Each section gives an overview question answered by its opening sentences, and every sentence that
+    states a figure, time, day, code, count or contact (or matches a how-to or definition pattern) gives
+    a question about it, answered by that sentence, whose key is the stated fact. Each question comes
+    with two more phrasings (a framed one and a keyword one, held out), so that a held-out phrasing has
+    other words in another order. Question headings and question/answer documents are left to the faq
+    and qa generators.
     """
     for doc in documents:
-        heading = (doc.metadata.get("heading") or "").strip()
+        heading = _section_title(doc)
         if not heading or heading.endswith("?") or doc.metadata.get("question"):
             continue
-        said = [s for s in sentences(doc.page_content) if not re.match(r"^[\w ]{1,30}:", s)]
+        said = [s for s in sentences(doc.page_content) if not re.match(r"^[\w ]{1,30}:\s*$", s)]
         if not said:
             continue
         source = f"{doc.metadata.get('source', '')}:{doc.metadata.get('line', 0)}"
@@ -154,15 +239,17 @@ def section_pairs(documents):
         yield Pair(question=f"What should I know about {heading}?", answer=overview, key=key_fact(overview),
                    source=source, paraphrases=[f"Tell me about {heading}.", f"Give me an overview of {heading}."])
         for sentence in said:
-            found = _sentence_question(sentence)
-            if found is None:
-                continue
-            question, fact = found
-            if not _mentions(question, heading):
-                question = f"{heading}: {question[0].lower()}{question[1:]}"
-            key = key_fact(fact)
-            yield Pair(question=question, answer=sentence, key=key if key in sentence else key_fact(sentence),
-                       source=source)
+            figures = _figure_questions(sentence, heading)
+            for question, paraphrases, key in figures:
+                yield Pair(question=question, answer=sentence, key=key, source=source, paraphrases=paraphrases)
+            found = None if figures else _sentence_question(sentence)
+            if found is not None:
+                question, fact = found
+                if not _mentions(question, heading):
+                    question = f"{heading}: {question[0].lower()}{question[1:]}"
+                key = key_fact(fact)
+                yield Pair(question=question, answer=sentence, key=key if key in sentence else key_fact(sentence),
+                           source=source)
 
 
 def teacher_pairs(documents, recipe):
@@ -248,7 +335,7 @@ def register_generators(register):
     register(Generator("faq", faq_pairs))
     register(Generator("facts", fact_pairs))
     register(Generator("qa", qa_pairs))
-    register(Generator("sections", section_pairs))
+    register(Generator("prose", prose_pairs))
     register(Generator("teacher", teacher_pairs))
     register(Generator("replay", replay_pairs))
     register(Generator("general", general_pairs))

@@ -288,6 +288,59 @@ def augment(pairs: list[Pair], n: int, recipe: "Recipe") -> int:
     return added
 
 
+# --- which generator covers which section -------------------------------------------------------
+
+#: The built-in generators that cover a section no listed generator turned into pairs, by the section's shape.
+FALLBACK_GENERATORS = ("qa", "faq", "prose")
+
+
+def _split_source(source: str) -> tuple[str, int]:
+    path, _, line = source.rpartition(":")
+    return (path, int(line)) if line.isdigit() and path else (source, 0)
+
+
+def section_of(documents: list[Document]) -> Callable[[str], int | None]:
+    """Maps a pair's ``source`` (``path:line``) to the index of the document section it came from.
+
+    A section of a file runs from its own line to the next section's line; a pair whose file holds no
+    section maps to None.
+    """
+    import bisect
+
+    by_file: dict[str, list[tuple[int, int]]] = {}
+    for i, doc in enumerate(documents):
+        by_file.setdefault(str(doc.metadata.get("source", "")), []).append((int(doc.metadata.get("line") or 0), i))
+    for starts in by_file.values():
+        starts.sort()
+
+    def find(source: str) -> int | None:
+        path, line = _split_source(source)
+        starts = by_file.get(path)
+        if not starts:
+            return None
+        at = bisect.bisect_right(starts, (line, len(documents))) - 1
+        return starts[max(at, 0)][1]
+
+    return find
+
+
+def fallback_plan(documents: list[Document], pairs: list[Pair], generators: list[str]) -> dict[str, list[Document]]:
+    """The sections no knowledge pair came from, by the built-in generator that fits each: ``qa`` for
+    question/answer documents, ``faq`` for question headings, ``prose`` for the rest (a listed generator
+    already saw every section, so it is not run again)."""
+    find = section_of(documents)
+    covered = {find(p.source) for p in pairs if p.held_out}
+    plan: dict[str, list[Document]] = {}
+    for i, doc in enumerate(documents):
+        if i in covered:
+            continue
+        shape = ("qa" if doc.metadata.get("question") else
+                 "faq" if str(doc.metadata.get("heading") or "").strip().endswith("?") else "prose")
+        if shape not in generators:
+            plan.setdefault(shape, []).append(doc)
+    return {name: plan[name] for name in FALLBACK_GENERATORS if name in plan}
+
+
 # --- the stage ----------------------------------------------------------------------------------
 
 @dataclass
@@ -299,6 +352,19 @@ class DatasetResult:
     cached: bool = False
     #: The ingested knowledge base (for retrieval); set by ``make_dataset``.
     documents: list[Document] = field(default_factory=list, repr=False)
+
+    def sources(self) -> list[str]:
+        """One line per knowledge-base file: sections, facts by generator, and the sections that gave none."""
+        lines = []
+        for src, c in self.card.get("per_source", {}).items():
+            if not c.get("documents"):
+                continue
+            made = ", ".join(f"{g} {n}" for g, n in c.get("generators", {}).items()) or "no pair"
+            empty = c.get("sections_without_pairs") or []
+            lines.append(f"  {src}: {c['documents']} section(s) -> {c['facts']} fact(s) ({made})"
+                         + (f"; nothing from {len(empty)}: {'; '.join(empty[:5])}{' ...' if len(empty) > 5 else ''}"
+                            if empty else ""))
+        return lines
 
     def summary(self) -> str:
         c = self.card
@@ -345,7 +411,8 @@ def _adhoc_recipe(generators: list[str], system_prompt: str, train_phrasings: in
     from ..recipe import DataConfig, Recipe, TrainConfig
 
     return Recipe(name="adhoc", system_prompt=system_prompt,
-                  data=DataConfig(generators=generators, train_phrasings=train_phrasings, seed=seed),
+                  data=DataConfig(generators=generators, train_phrasings=train_phrasings, seed=seed,
+                                  auto_generators=False, general=0),
                   train=TrainConfig(max_seq_len=max_seq_len))
 
 
@@ -375,15 +442,25 @@ def build_dataset(documents: list[Document], generators: list[str], tokenizer, s
     try:
         pairs: list[Pair] = []
         generated: dict[str, int] = {}
-        for name in generators:
-            for pair in _call_generator(available[name], documents, recipe):
+
+        def run(name: str, docs: list[Document]) -> None:
+            for pair in _call_generator(available[name], docs, recipe):
                 pair.generator = pair.generator or name
                 pairs.append(pair)
                 generated[name] = generated.get(name, 0) + 1
+
+        for name in generators:
+            run(name, documents)
+        if recipe.data.auto_generators:
+            for name, docs in fallback_plan(documents, pairs, generators).items():
+                run(name, docs)
+        if recipe.data.general and "general" not in generators:
+            run("general", documents)
         if not any(p.held_out for p in pairs):  # train-only pairs (general, replay) are not the knowledge base's
             raise AgentpeftError(
-                f"the knowledge base yields no question/answer pair with generators {generators}; "
-                "use '## Question?' headings or '- **Attribute:** value' bullets, or pick other generators"
+                f"the knowledge base yields no question/answer pair with generators {sorted(generated) or generators}"
+                f" ({len(documents)} sections read; every section's text is too short or has no sentence to ask "
+                "about); add prose, FAQ or Q/A files to the knowledge base"
             )
         filter_counts = []
         for name in names:
@@ -466,6 +543,18 @@ def _card(pairs, documents, generated, filter_counts, notes, added, train, held_
     facts_by_source = Counter(files[p.source] for p in pairs if p.held_out)
     extra_by_source = Counter(files[p.source] for p in pairs if not p.held_out)
     docs_by_source = Counter(files[src] for src in doc_sources)
+    by_generator: dict[str, Counter] = {}
+    for p in pairs:
+        if p.held_out:
+            by_generator.setdefault(files[p.source], Counter())[p.generator] += 1
+    find = section_of(documents)
+    covered = {find(p.source) for p in pairs if p.held_out}
+    unlearned: dict[str, list[str]] = {}
+    for i, doc in enumerate(documents):
+        if i not in covered:
+            meta = doc.metadata
+            where = meta.get("heading") or meta.get("question") or (f"page {meta['page']}" if meta.get("page") else "")
+            unlearned.setdefault(files[doc_sources[i]], []).append(f"{where or '(untitled)'} (line {meta.get('line', 0)})")
     redactions = notes.pop("redactions", {})
     return {
         "facts": sum(facts_by_source.values()),
@@ -474,6 +563,8 @@ def _card(pairs, documents, generated, filter_counts, notes, added, train, held_
         "generated": generated,
         "per_generator": dict(Counter(p.generator for p in pairs)),
         "per_source": {src: {"documents": docs_by_source.get(src, 0), "facts": facts_by_source.get(src, 0),
+                             "generators": dict(sorted(by_generator.get(src, {}).items())),
+                             "sections_without_pairs": unlearned.get(src, []),
                              **({"train_only": extra_by_source[src]} if extra_by_source.get(src) else {})}
                        for src in sorted(set(docs_by_source) | set(facts_by_source) | set(extra_by_source))},
         "filters": filter_counts,
@@ -549,9 +640,13 @@ def _card_markdown(card: dict) -> str:
         lines += [f"- {kind}: {n}" for kind, n in sorted(card["redactions"].items())]
     else:
         lines.append("Off for this recipe (data.redact_pii: false).")
-    lines += ["", "## Sources", "", "| file | documents | facts | train-only pairs |", "|---|---|---|---|"]
-    lines += [f"| {src} | {c['documents']} | {c['facts']} | {c.get('train_only', 0)} |"
-              for src, c in card["per_source"].items()]
+    lines += ["", "## Sources", "", "What the model learns from each file: its sections, the facts each generator made of "
+              "them (after filtering), and the sections that gave no pair (the model will not know what they say).", "",
+              "| file | sections | facts | by generator | sections without pairs |", "|---|---|---|---|---|"]
+    lines += [f"| {src} | {c['documents']} | {c['facts']} | "
+              f"{', '.join(f'{g} {n}' for g, n in c.get('generators', {}).items()) or '-'} | "
+              f"{'; '.join(c.get('sections_without_pairs', [])) or '-'} |"
+              for src, c in card["per_source"].items() if c["documents"] or c["facts"]]
     for key, value in card["notes"].items():
         lines += ["", f"## {key}", "", f"`{json.dumps(value, ensure_ascii=False)}`"]
     lines.append("")
@@ -664,6 +759,8 @@ def make_dataset(recipe: "str | Recipe", kb: str | Path | None = None, out: str 
         result = DatasetResult(out_dir / "dataset", json.loads((out_dir / "dataset_card.json").read_text()), True,
                                documents)
         report("dataset", f"{result.summary()} (knowledge base and settings unchanged, hash {key[:12]})")
+        for line in result.sources():
+            log(line)
         return result
 
     result = build_dataset(documents, recipe.data.generators, load_tokenizer(base_dir), recipe.system_prompt,
@@ -673,6 +770,8 @@ def make_dataset(recipe: "str | Recipe", kb: str | Path | None = None, out: str 
     if cached is not None:
         _store(out_dir, cached)
     report("dataset", result.summary())
+    for line in result.sources():
+        log(line)
     return result
 
 
