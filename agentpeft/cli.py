@@ -81,6 +81,9 @@ def _data_mix(options: dict) -> dict:
     return {name: options.pop(name) for name in ("train_phrasings", "general")}
 
 
+_RETRIEVAL = {None: None, "auto": "auto", "on": True, "off": False}
+
+
 def _with_options(command, options):
     for option in reversed(options):
         command = option(command)
@@ -119,6 +122,11 @@ def recipe_run_options(command):
         click.option("--kb", type=click.Path(), help="Knowledge-base folder or file (default: the recipe's own)."),
         click.option("--name", help="Register under this name (default: the recipe's name)."),
         click.option("--base", help="Base model: an alias (smollm2-135m), a local folder or a hub id."),
+        click.option("--system-prompt", help="The system prompt the model is trained and served with (default: the "
+                                             "recipe's; with --kb, its knowledge-base-neutral one)."),
+        click.option("--retrieval", type=click.Choice(["auto", "on", "off"]),
+                     help="Retrieval-augmented mode: questions carry their top knowledge-base passages in training, "
+                          "evaluation and use (default: the recipe's, auto: on for prose knowledge bases)."),
         *DATA_MIX_OPTIONS,
         *TRAIN_OPTIONS,
         click.option("--resume", is_flag=True,
@@ -133,13 +141,15 @@ def recipe_run_options(command):
 @click.option("--allow-regression", is_flag=True, help="Register even if the tuned model does not beat the base.")
 @click.option("--judge", help=JUDGE_HELP)
 @click.option("--eval-limit", type=click.IntRange(min=1), help="Evaluate a seeded sample of at most N held-out questions.")
-def build(recipe, kb, name, base, resume, allow_regression, quiet, judge, eval_limit, allow_pickle, **train):
+def build(recipe, kb, name, base, system_prompt, retrieval, resume, allow_regression, quiet, judge, eval_limit,
+          allow_pickle, **train):
     """Build RECIPE end to end: ingest, dataset, train, evaluate, merge, register."""
     from .pipeline.build import build as run_build
 
     result = run_build(recipe, kb=kb, name=name, base=base, allow_regression=allow_regression, resume=resume,
                        show_progress=not quiet, log=click.echo, judge=judge, eval_limit=eval_limit,
-                       allow_pickle=allow_pickle, data_mix=_data_mix(train), **_train_overrides(train))
+                       allow_pickle=allow_pickle, data_mix=_data_mix(train), system_prompt=system_prompt,
+                       retrieval=_RETRIEVAL[retrieval], **_train_overrides(train))
     click.echo("\n" + result.eval.table())
     if result.version is None:
         sys.exit(2)
@@ -149,13 +159,13 @@ def build(recipe, kb, name, base, resume, allow_regression, quiet, judge, eval_l
 
 @cli.command()
 @recipe_run_options
-def train(recipe, kb, name, base, resume, quiet, allow_pickle, **train):
+def train(recipe, kb, name, base, system_prompt, retrieval, resume, quiet, allow_pickle, **train):
     """Run RECIPE's ingest, dataset and train stages only; `build NAME --resume` can finish the build."""
     from .pipeline.build import train_recipe
 
     result = train_recipe(recipe, kb=kb, name=name, base=base, resume=resume, show_progress=not quiet,
                           log=click.echo, allow_pickle=allow_pickle, data_mix=_data_mix(train),
-                          **_train_overrides(train))
+                          system_prompt=system_prompt, retrieval=_RETRIEVAL[retrieval], **_train_overrides(train))
     click.echo(f"adapter: {result.train.adapter_dir}")
 
 

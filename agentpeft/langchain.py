@@ -87,7 +87,7 @@ class SpecialistChat(ChatHuggingFace):
             else:
                 raise ValueError(f"unsupported message type {type(m).__name__}")
         if self.retrieve is not None and out and out[-1]["role"] == "user" and isinstance(messages[-1], HumanMessage):
-            from .pipeline.raft import augment_question
+            from .retrieval import augment_question
 
             question = out[-1]["content"]
             out[-1] = {"role": "user", "content": augment_question(question, self.retrieve(question))}
@@ -312,12 +312,11 @@ def load_llm(name: str, version: int | None = None, **generation_kwargs: Any) ->
     chat = _chat(loaded.model, loaded.tokenizer, ref, loaded.manifest.get("system_prompt"), loaded.lock,
                  **generation_kwargs)
     retrieval = loaded.manifest.get("retrieval") or {}
-    if retrieval.get("enabled"):
-        from .pipeline.raft import passages_for
-        from .retrieval import KB_FILE, BM25Index, load_chunks
+    if retrieval.get("enabled") is True:  # as the evaluation asked it: the top k passages before the question
+        from .retrieval import KB_FILE, BM25Index, load_chunks, retrieve
 
         index = BM25Index(load_chunks(registry.resolve(ref) / KB_FILE))
-        chat.retrieve = lambda question: passages_for(index, question, retrieval["k"])
+        chat.retrieve = lambda question: retrieve(index, question, retrieval["k"])
     return chat
 
 

@@ -1,4 +1,5 @@
-"""Knowledge-base chunks as stored in a registry entry (``kb.jsonl``) and BM25 search over them."""
+"""Knowledge-base chunks as stored in a registry entry (``kb.jsonl``), BM25 search over their passages, and
+the prompt of retrieval-augmented mode, shared by training, evaluation, ``load_llm`` and ``kb_search``."""
 
 from __future__ import annotations
 
@@ -12,11 +13,47 @@ from .errors import AgentpeftError
 
 KB_FILE = "kb.jsonl"
 _WORD = re.compile(r"[a-z0-9]+")
+#: Words that carry no topic: a question shares them with every passage, so they would retrieve noise.
+STOPWORDS = frozenset(
+    "a an the and or but of to in on at for from by with without is are was were be been being am do does did "
+    "doing have has had having it its this that these those i me my mine you your yours we us our ours they them "
+    "their he she his her what which who whom whose when where why how can could will would shall should may "
+    "might must not no yes if then than so as about into over under again there here any all each every some "
+    "such only own same too very just also get got please tell know want need like hi hello hey thanks thank "
+    "one s t".split())
+#: Longest passage, in characters: a section is cut into passages of whole sentences up to this length.
+PASSAGE_CHARS = 500
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n\s*\n|\n(?=\s*(?:[-*+]|\d+[.)])\s)")
 
 
 def tokenize(text: str) -> list[str]:
-    """Lower-case alphanumeric words: the BM25 terms."""
-    return _WORD.findall(text.lower())
+    """Lower-case alphanumeric words without stopwords: the BM25 terms."""
+    return [w for w in _WORD.findall(text.lower()) if w not in STOPWORDS]
+
+
+def passages(documents: list[Document], max_chars: int = PASSAGE_CHARS) -> list[Document]:
+    """The knowledge base as passages: each section cut at sentence and list-item boundaries into pieces
+    of at most ``max_chars`` characters (a longer sentence is a passage of its own), with the section's
+    metadata, so that a passage put into a prompt is never cut mid-fact."""
+    out: list[Document] = []
+    for doc in documents:
+        text = doc.page_content.strip()
+        if not text:
+            continue
+        if len(text) <= max_chars:
+            out.append(doc)
+            continue
+        pieces = [p.strip() for p in _SENTENCE_END.split(text) if p and p.strip()]
+        current = ""
+        for piece in pieces:
+            if current and len(current) + 1 + len(piece) > max_chars:
+                out.append(Document(page_content=current, metadata=doc.metadata))
+                current = piece
+            else:
+                current = f"{current} {piece}".strip() if current else piece
+        if current:
+            out.append(Document(page_content=current, metadata=doc.metadata))
+    return out
 
 
 def save_chunks(documents: list[Document], path: Path | str) -> Path:
@@ -64,12 +101,12 @@ def cite(doc: Document) -> str:
 
 
 class BM25Index:
-    """Okapi BM25 (rank_bm25) over knowledge-base chunks."""
+    """Okapi BM25 (rank_bm25) over the passages of knowledge-base chunks (:func:`passages`)."""
 
     def __init__(self, documents: list[Document]):
         from rank_bm25 import BM25Okapi
 
-        self.documents = [d for d in documents if d.page_content.strip()]
+        self.documents = passages([d for d in documents if d.page_content.strip()])
         if not self.documents:
             raise AgentpeftError("the knowledge base has no text to search; rebuild with a non-empty knowledge base")
         self._bm25 = BM25Okapi([tokenize(passage_text(d)) or ["_"] for d in self.documents])
@@ -82,3 +119,17 @@ class BM25Index:
         scores = self._bm25.get_scores(terms)
         order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
         return [(self.documents[i], float(scores[i])) for i in order[:k] if scores[i] > 0]
+
+
+def augment_question(question: str, found: list[Document]) -> str:
+    """The user turn of retrieval-augmented mode: numbered passages, then the question (the question alone
+    when no passage shares a word with it, as for a general question)."""
+    if not found:
+        return question
+    lines = [f"[{i}] {passage_text(d)}" for i, d in enumerate(found, 1)]
+    return "Passages:\n" + "\n".join(lines) + f"\n\nQuestion: {question}"
+
+
+def retrieve(index: BM25Index, question: str, k: int) -> list[Document]:
+    """The top ``k`` passages for ``question``: what every retrieval-augmented prompt is given."""
+    return [doc for doc, _ in index.search(question, k)]

@@ -92,11 +92,12 @@ def build(recipe: str | Recipe, kb: str | Path | None = None, name: str | None =
           base: str | None = None, allow_regression: bool = False, resume: bool = False,
           show_progress: bool = True, log: Callable[[str], None] = print, until: str = "register",
           judge: str | None = None, eval_limit: int | None = None, data_mix: dict | None = None,
-          **train_overrides) -> BuildResult:
+          system_prompt: str | None = None, retrieval: bool | str | None = None, **train_overrides) -> BuildResult:
     """ingest -> dataset -> train -> evaluate -> merge -> register, each stage summarized in one line.
 
     ``train_overrides`` are TrainConfig fields (epochs, max_steps, method, r, lr, ...), ``data_mix``
-    DataConfig fields (general, train_phrasings, ...);
+    DataConfig fields (general, train_phrasings, ...); ``system_prompt`` replaces the recipe's;
+    ``retrieval`` is True, False or "auto" (retrieval-augmented mode, see ``RetrievalConfig``);
     ``resume`` continues the name's last unfinished build from its last checkpoint;
     ``until="train"`` stops after training (what ``agentpeft train`` runs); ``judge`` names a chat
     model that also grades the held-out replies (reported, never gating); ``eval_limit`` evaluates a
@@ -105,7 +106,8 @@ def build(recipe: str | Recipe, kb: str | Path | None = None, name: str | None =
     if until not in ("train", "register"):
         raise AgentpeftError(f"until must be 'train' or 'register', not {until!r}")
     set_enabled(show_progress)
-    recipe = configure(recipe, kb, base, data_mix=data_mix, **train_overrides)
+    recipe = configure(recipe, kb, base, data_mix=data_mix, system_prompt=system_prompt, retrieval=retrieval,
+                       **train_overrides)
     if eval_limit is not None:
         recipe = recipe.model_copy(update={"eval": recipe.eval.model_copy(update={"max_questions": eval_limit})})
     name = check_name(name or recipe.name)
@@ -142,13 +144,18 @@ def build(recipe: str | Recipe, kb: str | Path | None = None, name: str | None =
         raise AgentpeftError(f"the knowledge base changed since the interrupted build in {build_dir}; "
                              "build again without --resume")
 
-    train_data = data.path
-    if recipe.retrieval.enabled:
+    train_data, train_cfg = data.path, recipe.train
+    retrieval = uses_retrieval(recipe, data.card)
+    if retrieval:
         from .raft import augment_dataset
 
-        train_data = augment_dataset(data.path, documents, load_tokenizer(base_dir), recipe.retrieval.k,
-                                     recipe.retrieval.distractors, recipe.train.max_seq_len, recipe.data.seed)
-    trained = train(base_dir, train_data, build_dir, recipe.train, resume=resume, log=log)
+        train_cfg = recipe.train.model_copy(update={"max_seq_len": max(recipe.train.max_seq_len,
+                                                                       recipe.retrieval.max_seq_len)})
+        raft = augment_dataset(data.path, documents, load_tokenizer(base_dir), recipe.retrieval.k,
+                               recipe.retrieval.distractors, train_cfg.max_seq_len, recipe.data.seed)
+        train_data = raft.path
+        log(f"retrieval mode ({_retrieval_reason(recipe, data.card)}): {raft.summary()}")
+    trained = train(base_dir, train_data, build_dir, train_cfg, resume=resume, log=log)
     done("train", trained.summary())
     if until == "train" or _rank() != 0:
         return BuildResult(name, None, None, None, build_dir, seconds, trained)
@@ -158,25 +165,23 @@ def build(recipe: str | Recipe, kb: str | Path | None = None, name: str | None =
     eval_rows = list(load_from_disk(str(data.path))["eval"])
     if recipe.eval.max_questions and len(eval_rows) > recipe.eval.max_questions:
         eval_rows = random.Random(recipe.data.seed).sample(eval_rows, recipe.eval.max_questions)
+    ask = None
+    if retrieval:  # both models are asked as load_llm will ask: with the passages kb_search retrieves
+        from ..retrieval import BM25Index
+        from .raft import with_passages
+
+        index = BM25Index(documents)
+        eval_rows = with_passages(eval_rows, index, recipe.retrieval.k)
+        ask = functools.partial(with_passages, index=index, k=recipe.retrieval.k)
     result = evaluate(base_dir, trained.adapter_dir, eval_rows, recipe.eval.metrics, recipe.eval.primary,
                       build_dir / "eval", recipe.system_prompt, recipe.eval.max_new_tokens, recipe.eval.batch_size,
-                      probe=recipe.eval.forgetting_probe, judge=judge)
-    retrieval_figures, extra_files = None, {}
-    if recipe.retrieval.enabled:
-        from .raft import evaluate_with_retrieval
-
-        retrieval_figures = evaluate_with_retrieval(
-            base_dir, trained.adapter_dir, eval_rows, documents, recipe.eval.metrics, recipe.system_prompt,
-            recipe.retrieval.k, recipe.eval.max_new_tokens, recipe.eval.batch_size, build_dir / "eval")
-        extra_files["eval_retrieval.json"] = build_dir / "eval" / "eval_retrieval.json"
-    done("evaluate", result.summary() + (
-        "; tuned + retrieval: " + ", ".join(f"{k} {v:.3f}" for k, v in retrieval_figures.items())
-        if retrieval_figures else ""))
+                      probe=recipe.eval.forgetting_probe, judge=judge, ask=ask)
+    done("evaluate", result.summary() + (" (asked with retrieved passages)" if retrieval else ""))
 
     files = {"adapter": trained.adapter_dir, "dataset_card.md": build_dir / "data" / "dataset_card.md",
              "eval.json": build_dir / "eval" / "eval.json", "report.md": build_dir / "eval" / "report.md",
              "loss_curve.png": build_dir / "loss_curve.png", "metrics.png": build_dir / "eval" / "metrics.png",
-             KB_FILE: build_dir / KB_FILE, **extra_files}
+             KB_FILE: build_dir / KB_FILE}
     merge_info = None
     if recipe.train.method in MERGEABLE:
         merged = merge(base_dir, trained.adapter_dir, build_dir / "merged", recipe.system_prompt)
@@ -207,8 +212,8 @@ def build(recipe: str | Recipe, kb: str | Path | None = None, name: str | None =
                   "precision": trained.precision, "device": trained.device},
         "metrics": {"primary": result.primary, "base": result.base, "tuned": result.tuned,
                     "forgetting": result.forgetting, "judge": result.judge, "precision": result.precision,
-                    **({"tuned_retrieval": retrieval_figures} if retrieval_figures else {})},
-        "retrieval": recipe.retrieval.model_dump(),
+                    "retrieval": retrieval},
+        "retrieval": {**recipe.retrieval.model_dump(), "enabled": retrieval},
         "merge": merge_info,
         "allow_regression": bool(allow_regression and not result.improved),
         "created": stamp.isoformat(timespec="seconds"),
@@ -219,6 +224,26 @@ def build(recipe: str | Recipe, kb: str | Path | None = None, name: str | None =
     (build_dir / "FINISHED").write_text(f"{name}@{version}\n")
     done("register", f"{name}@{version} -> {path}")
     return BuildResult(name, version, path, result, build_dir, seconds, trained)
+
+
+def uses_retrieval(recipe: Recipe, card: dict) -> bool:
+    """Whether the build trains, evaluates and serves in retrieval-augmented mode: ``retrieval.enabled``,
+    or with ``auto`` when prose synthesis made at least ``retrieval.prose_share`` of the facts."""
+    enabled = recipe.retrieval.enabled
+    if enabled != "auto":
+        return bool(enabled)
+    return card.get("facts", 0) > 0 and prose_share(card) >= recipe.retrieval.prose_share
+
+
+def prose_share(card: dict) -> float:
+    """The share of a dataset's facts that prose synthesis made."""
+    return card.get("per_generator", {}).get("prose", 0) / max(card.get("facts", 0), 1)
+
+
+def _retrieval_reason(recipe: Recipe, card: dict) -> str:
+    if recipe.retrieval.enabled == "auto":
+        return f"auto: {prose_share(card):.0%} of the facts come from prose"
+    return "retrieval.enabled"
 
 
 def train_recipe(recipe: str | Recipe, **options) -> BuildResult:

@@ -204,11 +204,14 @@ class EvalResult:
 
 def evaluate(base_dir: Path, adapter_dir: Path, eval_rows: list[dict], metric_names: list[str],
              primary: str, out_dir: Path, system_prompt: str | None = None, max_new_tokens: int = 64,
-             batch_size: int = GENERATE_BATCH, probe: bool = True, judge: str | None = None) -> EvalResult:
+             batch_size: int = GENERATE_BATCH, probe: bool = True, judge: str | None = None,
+             ask: Callable[[list[dict]], list[dict]] | None = None) -> EvalResult:
     """Ask the base model and the tuned model (base + adapter) the same questions, greedily.
 
     ``judge`` names a chat model (see ``agentpeft.langchain.chat_model``) that also grades both
-    models' replies; its figures are reported beside the metrics, never instead of them.
+    models' replies; its figures are reported beside the metrics, never instead of them. ``ask``
+    turns the probe's chat rows into the prompts the model will be given in use (retrieval-augmented
+    mode adds passages); ``eval_rows`` come with theirs.
     """
     from ..models import for_inference, inference_precision, load_model, load_tokenizer, load_tuned
 
@@ -216,6 +219,8 @@ def evaluate(base_dir: Path, adapter_dir: Path, eval_rows: list[dict], metric_na
     # The probe asks as a plain chat, without the recipe's system prompt: it measures what the
     # weights know in general use, in the setting in which it was curated (bench/curate_probe.py).
     probe_rows = chat_rows(forgetting_probe(), None) if probe else []
+    if ask is not None:
+        probe_rows = ask(probe_rows)
     text_rows = [{"answer": general_text()}]
     figures, replies, forgetting = {}, {}, {}
     base_cache = _base_cache_file(base_dir, eval_rows, probe_rows, metric_names, max_new_tokens)
@@ -298,7 +303,8 @@ def write_eval_files(result: EvalResult, rows: list[dict], replies: dict, probe_
     """eval.json, report.md and PNG charts in ``result.path``."""
     out = result.path
     out.mkdir(parents=True, exist_ok=True)
-    examples = [{"question": r["question"], "reference": r["answer"], "key": r.get("key"), "base": b, "tuned": t}
+    examples = [{"question": r["question"], "reference": r["answer"], "key": r.get("key"), "base": b, "tuned": t,
+                 **({"prompt": r["prompt"][-1]["content"]} if r["prompt"][-1]["content"] != r["question"] else {})}
                 for r, b, t in zip(rows, replies["base"], replies["tuned"])]
     probe = [{"question": r["question"], "key": r["key"], "base": b, "tuned": t}
              for r, b, t in zip(probe_rows, replies.get("base_probe", []), replies.get("tuned_probe", []))]

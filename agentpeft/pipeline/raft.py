@@ -1,83 +1,105 @@
-"""Retrieval-augmented mode (RAFT): questions with their retrieved passages, in training and at inference.
+"""Retrieval-augmented mode (RAFT): training prompts that carry retrieved passages.
 
-With ``retrieval.enabled`` each training question is rendered with its top ``k`` BM25 passages plus
-``distractors`` unrelated ones, shuffled, so the small model learns to read (and ignore) passages; the
-evaluation adds the tuned model asked with retrieved passages beside the tuned model asked alone.
+With retrieval on, each knowledge question of the train split is rendered with ``k`` passages: its
+top BM25 passages with ``distractors`` of them replaced by unrelated ones, shuffled, so the small
+model learns to find the answer in the passages and to ignore the rest. Train-only general pairs
+stay plain chats: a general question retrieves nothing at use, so it is trained as it is asked.
+Evaluation and use put the top ``k`` passages into the prompt (``agentpeft.retrieval``).
 """
 
 from __future__ import annotations
 
-import json
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 from langchain_core.documents import Document
 
 from ..errors import AgentpeftError
-from ..retrieval import BM25Index, passage_text
-
-PASSAGE_CHARS = 400
+from ..retrieval import BM25Index, augment_question, retrieve
 
 
-def augment_question(question: str, passages: list[Document]) -> str:
-    """The user turn of retrieval-augmented mode: numbered passages, then the question."""
-    lines = [f"[{i}] {passage_text(d)[:PASSAGE_CHARS]}" for i, d in enumerate(passages, 1)]
-    return "Passages:\n" + "\n".join(lines) + f"\n\nQuestion: {question}"
+@dataclass
+class RaftData:
+    """The retrieval-augmented train split and what happened to its rows."""
+
+    path: Path
+    rows: int
+    augmented: int
+    shortened: int
+    dropped: int
+
+    def summary(self) -> str:
+        text = f"{self.augmented} of {self.rows} train rows carry passages"
+        if self.shortened:
+            text += f", {self.shortened} with fewer passages to fit max_seq_len"
+        if self.dropped:
+            text += f"; {self.dropped} dropped (longer than max_seq_len even with one passage)"
+        return text
 
 
-def passages_for(index: BM25Index, question: str, k: int, distractors: int = 0,
-                 rng: random.Random | None = None) -> list[Document]:
-    """The top ``k`` passages for ``question`` plus ``distractors`` random others, shuffled when distractors are added."""
-    found = [doc for doc, _ in index.search(question, k)]
-    if distractors and rng is not None:
-        others = [d for d in index.documents if all(d is not f for f in found)]
-        found += rng.sample(others, min(distractors, len(others)))
-        rng.shuffle(found)
+def training_passages(index: BM25Index, question: str, k: int, distractors: int, rng: random.Random) -> list[Document]:
+    """``k`` passages for a training question: its top ``k - distractors`` plus unrelated ones, shuffled."""
+    found = retrieve(index, question, max(k - distractors, 1))
+    others = [d for d in index.documents if all(d is not f for f in found)]
+    found += rng.sample(others, min(k - len(found), len(others)))
+    rng.shuffle(found)
     return found
 
 
 def augment_dataset(dataset_dir: Path, documents: list[Document], tokenizer, k: int, distractors: int,
-                    max_seq_len: int, seed: int = 0) -> Path:
-    """A copy of a saved DatasetDict, in ``<dir>-raft``, whose train prompts carry passages and distractors.
+                    max_seq_len: int, seed: int = 0) -> RaftData:
+    """A copy of a saved DatasetDict, in ``<dir>-raft``, whose knowledge rows' prompts carry passages.
 
-    The eval split stays as it is: it measures the tuned model asked alone.
+    A row too long for ``max_seq_len`` loses passages, the unrelated ones first, until it fits; one that
+    does not fit with its top passage alone is dropped and counted. The build fails when over half the
+    rows would be lost. The eval split is left as it is: the evaluate stage adds the passages it retrieves.
     """
     from datasets import Dataset, DatasetDict, load_from_disk
 
     index = BM25Index(documents)
     rng = random.Random(seed)
     ds = load_from_disk(str(dataset_dir))
-    rows = []
+    rows, augmented, shortened, dropped = [], 0, 0, 0
     for row in ds["train"]:
-        prompt = [dict(m) for m in row["prompt"]]
-        prompt[-1]["content"] = augment_question(row["question"],
-                                                 passages_for(index, row["question"], k, distractors, rng))
-        text = tokenizer.apply_chat_template(prompt + list(row["completion"]), tokenize=False)
-        n_tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if n_tokens <= max_seq_len:
-            rows.append({**row, "prompt": prompt, "text": text, "n_tokens": n_tokens})
-    if not rows:
-        raise AgentpeftError(f"with {k} retrieved passages every training example is longer than "
-                             f"max_seq_len={max_seq_len} tokens; raise --max-seq-len or lower retrieval.k")
+        if row.get("train_only"):
+            rows.append(row)
+            continue
+        chosen = training_passages(index, row["question"], k, distractors, rng)
+        offered = len(chosen)
+        relevant = {id(d) for d in retrieve(index, row["question"], max(k - distractors, 1))}
+        fitted = None
+        while chosen:
+            prompt = [dict(m) for m in row["prompt"]]
+            prompt[-1]["content"] = augment_question(row["question"], chosen)
+            text = tokenizer.apply_chat_template(prompt + list(row["completion"]), tokenize=False)
+            n_tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+            if n_tokens <= max_seq_len:
+                fitted = {**row, "prompt": prompt, "text": text, "n_tokens": n_tokens}
+                break
+            # drop an unrelated passage first, then the lowest-ranked relevant one
+            unrelated = [d for d in chosen if id(d) not in relevant]
+            chosen = [d for d in chosen if d is not (unrelated[-1] if unrelated else chosen[-1])]
+        if fitted is None:
+            dropped += 1
+            continue
+        shortened += len(chosen) < offered
+        rows.append(fitted)
+        augmented += 1
+    total = len(ds["train"])
+    if dropped * 2 > total:
+        raise AgentpeftError(f"retrieval mode: {dropped} of {total} training rows are longer than max_seq_len="
+                             f"{max_seq_len} tokens even with one passage; raise retrieval.max_seq_len or --max-seq-len")
     out = dataset_dir.with_name(dataset_dir.name + "-raft")
     DatasetDict({"train": Dataset.from_list(rows), "eval": ds["eval"]}).save_to_disk(str(out))
+    return RaftData(out, total, augmented, shortened, dropped)
+
+
+def with_passages(rows: list[dict], index: BM25Index, k: int) -> list[dict]:
+    """Chat rows whose last user turn carries the question's top ``k`` passages, as ``load_llm`` asks it."""
+    out = []
+    for row in rows:
+        prompt = [dict(m) for m in row["prompt"]]
+        prompt[-1]["content"] = augment_question(row["question"], retrieve(index, row["question"], k))
+        out.append({**row, "prompt": prompt})
     return out
-
-
-def evaluate_with_retrieval(base_dir: Path, adapter_dir: Path, eval_rows: list[dict], documents: list[Document],
-                            metric_names: list[str], system_prompt: str | None, k: int, max_new_tokens: int,
-                            batch_size: int, out_dir: Path) -> dict[str, float]:
-    """Score the tuned model on the held-out questions asked with their top ``k`` passages."""
-    from ..models import for_inference, load_tokenizer, load_tuned
-    from .evaluate import chat_rows, score_model
-
-    index = BM25Index(documents)
-    rows = chat_rows([{**r, "question": augment_question(r["question"], passages_for(index, r["question"], k))}
-                      for r in eval_rows], system_prompt)
-    model = for_inference(load_tuned(base_dir, adapter_dir, merge=True))
-    figures, replies = score_model(model, load_tokenizer(base_dir), rows, metric_names, max_new_tokens, batch_size)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "eval_retrieval.json").write_text(json.dumps(
-        {"tuned_retrieval": figures, "k": k,
-         "examples": [{"question": r["question"], "reply": p} for r, p in zip(rows, replies)]}, indent=2))
-    return figures

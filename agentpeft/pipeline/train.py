@@ -105,7 +105,9 @@ def train(base_dir: Path, dataset_dir: Path, out_dir: Path, cfg: TrainConfig, re
     if cast:
         if not cuda:
             models.bound_onednn_caches()
-            models.eager_attention_on_cpu(model.get_base_model())
+            longest = max(train_set["n_tokens"]) if "n_tokens" in train_set.column_names else cfg.max_seq_len
+            if longest <= EAGER_MAX_TOKENS:
+                models.eager_attention_on_cpu(model.get_base_model())
         log("bf16: the base's linear layers copied to bf16; the adapter and the logits stay fp32")
     trainable, total = model.get_nb_trainable_parameters()
     log(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
@@ -199,6 +201,15 @@ def train(base_dir: Path, dataset_dir: Path, out_dir: Path, cfg: TrainConfig, re
     plot_loss(history, out_dir / "loss_curve.png")
     return TrainResult(adapter_dir, trainer.state.global_step, losses[-1] if losses else None, seconds, trainable, total,
                        int(max((r.get("num_tokens", 0) for r in history), default=0)), precision, device)
+
+
+#: Longest row for which a CPU computes attention as plain matmuls (``eager_attention_on_cpu``): they keep the
+#: whole attention matrix for the backward pass, which grows with the square of the length; longer rows
+#: (retrieval mode's passages) use SDPA's kernel, whose memory grows linearly.
+EAGER_MAX_TOKENS = 256
+#: Longest sequence of a batch's tails packed behind their shared prefix: a packed sequence attends through a
+#: full mask, whose cost grows with the square of its length, so longer groups run row by row instead.
+PACK_MAX_TOKENS = 1024
 
 
 def shares_prefix(cfg: TrainConfig) -> bool:
@@ -519,6 +530,8 @@ def shared_prefix_hidden(trunk, input_ids, attention_mask, min_prefix: int = 8, 
     parts, order = [], []
     for rows, shared in prefix_groups(input_ids, attention_mask, min_prefix):
         index = torch.tensor(rows, device=input_ids.device)
+        if shared and packed and sum(lengths[r] for r in rows) - (len(rows) - 1) * shared > PACK_MAX_TOKENS:
+            shared = 0  # a long packed sequence's mask costs more than the prefix it saves
         if not shared:
             parts.append(trunk(input_ids=input_ids[index], attention_mask=attention_mask[index],
                                use_cache=False).last_hidden_state)
