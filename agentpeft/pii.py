@@ -4,6 +4,10 @@ Each kind is found by a pattern built to leave ordinary facts alone (dates, pric
 and order numbers): card numbers must pass the Luhn check, bare 9- or 10-digit numbers count only
 after a keyword ("SSN", "phone", "MRN"), and phone numbers need a telephone layout. What is found is
 replaced by a typed placeholder such as ``[EMAIL]``.
+
+Every pattern runs in time linear in the text: a run of whitespace, digits or address characters is
+consumed possessively (``*+``, ``++``) wherever what follows cannot start with the same character, so
+a near miss is never retried with every shorter run, and each pattern can start only once per run.
 """
 
 from __future__ import annotations
@@ -15,23 +19,28 @@ from dataclasses import dataclass, field
 KINDS = ("EMAIL", "MRN", "NATIONAL_ID", "CARD", "PHONE")
 # Between a keyword and its value: "MRN 1234567", "MRN: 1234567", "MRN is 1234567", or a short phrase
 # ending in "is" or a colon, as in "the MRN of the patient is 1234567".
-_GAP = r"(?:\s*[:#]\s*|\s+(?:is\s+)?|(?:\s+[\w.'-]+){1,5}?\s*(?:\s(?:is|was)\s|[:=]\s*))"
+# Whatever follows a gap starts with a letter, a digit, "+", "#" or ":", never with whitespace, so its
+# whitespace can be taken possessively.
+_GAP = r"(?:\s*+[:#]\s*+|\s++(?:is\s++)?|(?:\s++[\w.'-]++){1,5}?(?:\s++(?:is|was)\s|\s*+[:=]\s*+))"
 
+# The address (group "id") starts at the first letter or digit of a run of address characters: the
+# run's leading ".", "_", "%", "+", "'" or "-" (as in 'bob@example.com' in quotes) is skipped, and
+# no match starts anywhere else in the run, so each run is read once.
 _EMAIL = re.compile(
-    r"(?<![\w.+'-])[A-Za-z0-9][A-Za-z0-9._%+'-]*\s?(?:@|\s?[\[(]at[\])]\s?)\s?"
-    r"[A-Za-z0-9-]+(?:(?:\.|\s?[\[(]dot[\])]\s?)[A-Za-z0-9-]+)*(?:\.|\s?[\[(]dot[\])]\s?)[A-Za-z]{2,}\b",
+    r"(?<![\w.+'%-])[._%+'-]*+(?P<id>[A-Za-z0-9][A-Za-z0-9._%+'-]*+\s?(?:@|\s?[\[(]at[\])]\s?)\s?"
+    r"[A-Za-z0-9-]++(?:(?:\.|\s?[\[(]dot[\])]\s?)[A-Za-z0-9-]++)*(?:\.|\s?[\[(]dot[\])]\s?)[A-Za-z]{2,}\b)",
     re.IGNORECASE,
 )
 # The identifier after a medical-record keyword: "MRN 1234567", "Medical record no.: A-00123456".
 _MRN = re.compile(
-    r"\b(?:MRN|medical[ -]record(?:\s+(?:number|no\.?|num|#))?|patient\s+(?:id|number|no\.?)|chart\s+(?:number|no\.?))"
-    rf"(?:{_GAP}|(?=[-#:]))[#:]?\s*(?P<id>[A-Z]{{0,3}}-?\d[\d-]{{4,12}}\d)\b",
+    r"\b(?:MRN|medical[ -]record(?:\s++(?:number|no\.?|num|#))?|patient\s++(?:id|number|no\.?)|chart\s++(?:number|no\.?))"
+    rf"(?:{_GAP}|(?=[-#:]))[#:]?\s*+(?P<id>[A-Z]{{0,3}}-?\d[\d-]{{4,12}}\d)\b",
     re.IGNORECASE,
 )
 _SSN = re.compile(r"(?<![\w.-])(?!000|666|9\d\d)\d{3}([- ])(?!00)\d{2}\1(?!0000)\d{4}(?![\w-]|\.\d)")
 _NATIONAL_KEYWORD = re.compile(
-    r"\b(?:SSN|SIN|social\s+(?:security|insurance)\s+(?:number|no\.?|#)|national\s+(?:id|identity|insurance)"
-    rf"(?:\s+(?:number|no\.?|card))?|NI\s+number|tax\s+id){_GAP}"
+    r"\b(?:SSN|SIN|social\s++(?:security|insurance)\s++(?:number|no\.?|#)|national\s++(?:id|identity|insurance)"
+    rf"(?:\s++(?:number|no\.?|card))?|NI\s++number|tax\s++id){_GAP}"
     r"(?P<id>[A-Z]{0,2}\s?\d[\d -]{6,12}\d\s?[A-Z]?)(?![\w-])",
     re.IGNORECASE,
 )
@@ -43,14 +52,16 @@ _CARD = re.compile(
 _PHONE_PATTERNS = (
     # North American: (555) 123-4567, 555-123-4567, 555.123.4567, +1 555 123 4567.
     re.compile(r"(?<![\w.+-])(?:\+?1[ .-]?)?(?:\(\d{3}\)\s?|\d{3}[ .-])\d{3}[ .-]\d{4}(?:\s?(?:x|ext\.?)\s?\d{1,5})?(?![\w-]|\.\d)"),
-    # International with a country code: +44 20 7946 0958, +49 30 1234567, +33 1 23 45 67 89.
-    re.compile(r"(?<![\w+])\+\d{1,3}(?:[ .-]?\(?\d{1,5}\)?){2,6}(?![\w-]|\.\d)"),
+    # International with a country code: +44 20 7946 0958, +49 30 1234567, +33 1 23 45 67 89. Each group
+    # takes its digits possessively (up to 5): a long digit run is cut one way only, not tried in every
+    # split into 2 to 6 groups (thousands of them, for each "+").
+    re.compile(r"(?<![\w+])\+\d{1,3}(?:[ .-]?\(?\d{1,5}+\)?){2,6}(?![\w-]|\.\d)"),
     # National with a trunk 0: 020 7946 0958, (030) 1234 5678, 0412 345 678.
     re.compile(r"(?<![\w.-])\(?0\d{1,4}\)?[ -]\d{3,4}[ -]?\d{3,4}(?![\w-]|\.\d)"),
 )
 _PHONE_KEYWORD = re.compile(
-    r"\b(?:phone|tel|telephone|mobile|cell|fax|call|whatsapp)(?:\s+(?:number|no\.?|us|me))?"
-    rf"(?:\.\s*|\s+at\s+|\s+on\s+|{_GAP})"
+    r"\b(?:phone|tel|telephone|mobile|cell|fax|call|whatsapp)(?:\s++(?:number|no\.?|us|me))?"
+    rf"(?:\.\s*+|\s++at\s++|\s++on\s++|{_GAP})"
     r"(?P<id>\+?\d[\d ().-]{6,16}\d)(?![\w-])",
     re.IGNORECASE,
 )
@@ -107,7 +118,7 @@ def _sub(text: str, pattern: re.Pattern, kind: str, out: Redaction, group: str |
 def redact(text: str) -> Redaction:
     """Replace every PII item in ``text`` with a typed placeholder, counting each kind."""
     out = Redaction(text)
-    t = _sub(text, _EMAIL, "EMAIL", out)
+    t = _sub(text, _EMAIL, "EMAIL", out, "id")
     t = _sub(t, _MRN, "MRN", out, "id")
     t = _sub(t, _NATIONAL_KEYWORD, "NATIONAL_ID", out, "id")
     t = _sub(t, _SSN, "NATIONAL_ID", out)

@@ -109,3 +109,70 @@ def test_create_ticket_refuses_addresses_that_are_not_one_plain_address(email, t
         create_ticket(email, "Refund", "Where is my refund?", path=db)
     assert not db.exists() or list_tickets(path=db) == []
     assert create_ticket("bo@example.com", "Refund", "Where is my refund?", path=db) == 1
+
+
+# --- PII redaction in linear time --------------------------------------------------------------------------
+
+N = 20_000
+# The worst inputs found for each pattern: a keyword followed by a long whitespace run (MRN, ID and
+# phone keywords), runs of address characters where a match may start after every "%" (e-mail), and
+# "+" followed by digit runs that 2 to 6 digit groups can split thousands of ways (international phone).
+WORST = {
+    "MRN + spaces": "MRN" + " " * N,
+    "medical record + tabs": "medical record " + "\t" * N,
+    "patient id + newlines": "patient id" + "\n" * N,
+    "MRN keywords + spaces": "MRN " * 2500 + " " * (N - 10_000),
+    "SSN word + spaces": "SSN a" + " " * N,
+    "phone + spaces": "phone" + " " * N,
+    "call us + spaces": "call us" + " " * N + "x",
+    "e-mail a%": "a%" * (N // 2),
+    "e-mail 1% then dots": "1%" * (N // 4) + "." * (N // 2),
+    "phone +digits_": ("+" + "1" * 25 + "_ ") * (N // 28),
+    "phone +digits-": ("+" + "1" * 20 + "-") * (N // 22),
+    "phone +digits space": ("+" + "1" * 35 + " ") * (N // 37),
+}
+
+
+@pytest.mark.parametrize("text", WORST.values(), ids=WORST.keys())
+def test_redaction_of_the_worst_inputs_takes_well_under_a_second(text):
+    import time
+
+    from agentpeft.pii import redact
+
+    assert len(text) >= N * 0.99
+    start = time.perf_counter()
+    redact(text)
+    assert time.perf_counter() - start < 1.0
+
+
+def test_redaction_of_long_runs_of_any_repeated_character_is_fast():
+    """Every character class the patterns repeat, as a 20,000-character run, alone and after each keyword."""
+    import time
+
+    from agentpeft.pii import redact
+
+    units = [" ", "\t", "\n", "1", "a", ".", "-", "%", "+", "'", "(1)", "1 ", "a ", "1-", "a.", "[dot]a", "(at)"]
+    keywords = ["", "MRN ", "medical record no. ", "SSN ", "national id ", "phone ", "tel. ", "+", "+1 ", "(0", "a@"]
+    slow = []
+    for unit in units:
+        for keyword in keywords:
+            start = time.perf_counter()
+            redact(keyword + unit * (N // len(unit)))
+            if time.perf_counter() - start >= 1.0:  # a few hundredths of a second here; several seconds before
+                slow.append(keyword + unit)
+    assert not slow
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("Write to 'bob@example.com' today.", "Write to '[EMAIL]' today."),
+    ("Owner: -ann.lee@example.org", "Owner: -[EMAIL]"),
+    ("Send it to %bob@example.com.", "Send it to %[EMAIL]."),
+    ("Mail o'brien@example.ie or x%y@example.com", "Mail [EMAIL] or [EMAIL]"),
+    ("MRN:   #   1234567, call +44 20 7946 0958, SSN is 123-45-6789", "MRN:   #   [MRN], call [PHONE], SSN is [NATIONAL_ID]"),
+    ("the MRN of the patient is 1234567", "the MRN of the patient is [MRN]"),
+    ("+4420794609581 and +44 1234", "[PHONE] and +44 1234"),
+])
+def test_redaction_still_finds_what_it_should(text, expected):
+    from agentpeft.pii import redact
+
+    assert redact(text).text == expected
