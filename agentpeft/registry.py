@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
+import logging
 import os
 import re
 import shutil
@@ -14,6 +16,8 @@ from pathlib import Path
 
 from .errors import AgentpeftError
 from .models import home
+
+log = logging.getLogger(__name__)
 
 # Matched with fullmatch: "$" would also match before a trailing newline. Character ranges are ASCII.
 _NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
@@ -79,9 +83,42 @@ def resolve(ref: str) -> Path:
     return registry_dir() / name / str(version)
 
 
+def _manifest_problem(manifest: object, name: str, version: int) -> str | None:
+    """What makes ``manifest`` not the one publish wrote for ``name@version``; None if nothing does."""
+    if not isinstance(manifest, dict):
+        return f"holds a JSON {type(manifest).__name__}, not an agentpeft manifest"
+    if manifest.get("name") != name or manifest.get("version") != version:
+        return (f"is the manifest of {manifest.get('name')!r} version {manifest.get('version')!r}, "
+                f"not of {name}@{version}")
+    metrics = manifest.get("metrics")
+    primary = metrics.get("primary") if isinstance(metrics, dict) else None
+    scored = primary is not None and all(
+        isinstance(metrics.get(side), dict) and isinstance(metrics[side].get(primary), (int, float))
+        for side in ("base", "tuned"))
+    if not isinstance(manifest.get("recipe"), str) or not scored:
+        return "lacks the recipe or the metrics an agentpeft manifest has"
+    return None
+
+
+def _read_manifest(entry: Path) -> dict:
+    """The manifest of the registry entry folder ``NAME/VERSION``; a one-line error naming the file if it
+    cannot be read or is not the one publish wrote there."""
+    path, name, version = entry / "manifest.json", entry.parent.name, int(entry.name)
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        problem = f"cannot be read as JSON ({type(exc).__name__}: {' '.join(str(exc).split()) or 'empty'})"
+    else:
+        problem = _manifest_problem(manifest, name, version)
+        if problem is None:
+            return manifest
+    raise AgentpeftError(f"{path} {problem}; restore it, or remove the version with "
+                         f"`agentpeft rm {name}@{version} --yes`")
+
+
 def show(ref: str) -> dict:
     """The manifest of a registered model version."""
-    return json.loads((resolve(ref) / "manifest.json").read_text())
+    return _read_manifest(resolve(ref))
 
 
 def load(ref: str):
@@ -95,14 +132,31 @@ def load(ref: str):
     return load_tuned(base, entry / "adapter"), load_tokenizer(base), manifest
 
 
+#: Manifests already warned about in this process: each is named once, however often the registry is listed.
+_warned: set[Path] = set()
+
+
 def list_models() -> list[dict]:
-    """One row per registered name: latest manifest plus the list of versions."""
+    """One row per registered name: latest manifest plus the list of versions.
+
+    A version whose manifest is empty, not JSON or not agentpeft's is left out, with one warning naming
+    the file; the name's row then shows its latest readable version.
+    """
     rows = []
     root = registry_dir()
     for folder in sorted(root.iterdir()) if root.is_dir() else []:
-        known = versions(folder.name)
-        if known:
-            rows.append({**show(f"{folder.name}@{known[-1]}"), "versions": known})
+        if not _NAME.fullmatch(folder.name):
+            continue  # staging, trash or a stray folder: not a registered name
+        readable: dict[int, dict] = {}
+        for version in versions(folder.name):
+            try:
+                readable[version] = _read_manifest(folder / str(version))
+            except AgentpeftError as exc:
+                if folder / str(version) not in _warned:
+                    _warned.add(folder / str(version))
+                    log.warning("skipped %s@%d: %s", folder.name, version, exc)
+        if readable:
+            rows.append({**readable[max(readable)], "versions": sorted(readable)})
     return rows
 
 
@@ -121,25 +175,105 @@ def remove(ref: str) -> list[Path]:
 
 
 def export(ref: str, directory: str | Path) -> Path:
-    """Copy a version's folder (manifest, card, adapter, merged weights) to ``directory``."""
+    """Copy a version's folder (manifest, card, adapter, merged weights) to ``directory``.
+
+    The target must lie outside the registry (a copy there would pose as a version) and outside the
+    version itself (the copy would recurse). The copy is made beside the target and renamed into place,
+    so a failed export leaves no half-copied folder.
+    """
     source = resolve(ref)
     target = Path(directory)
+    where, inside = target.resolve(), lambda folder: where == folder or folder in where.parents
+    if inside(source.resolve()):
+        raise AgentpeftError(f"cannot export {ref} into {target}: it is inside the version being copied; "
+                             "export to a folder outside AGENTPEFT_HOME/registry")
+    if inside(registry_dir().resolve()):
+        raise AgentpeftError(f"cannot export {ref} into {target}: it is inside the registry ({registry_dir()}), "
+                             "where a copy would pose as a registered version; export to a folder outside it")
+    if target.exists() and not target.is_dir():
+        raise AgentpeftError(f"{target} is a file; export into a new or empty folder")
     if target.exists() and any(target.iterdir()):
         raise AgentpeftError(f"{target} exists and is not empty; export into a new or empty folder")
-    shutil.copytree(source, target, dirs_exist_ok=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.export-", dir=target.parent))
+    failed: list[OSError] = []
+
+    def copy(src: str, dst: str) -> str:
+        try:
+            return shutil.copy2(src, dst)
+        except OSError as exc:
+            failed.append(exc)
+            raise
+
+    try:
+        shutil.copytree(source, aside / "copy", copy_function=copy)
+        os.rename(aside / "copy", target)  # replaces an empty target folder
+    except shutil.Error:
+        # copytree goes on past a failed file and raises a list of them; the first, a plain OSError,
+        # says what went wrong (a full disk, say) and is what the CLI turns into its one-line error.
+        if failed:
+            raise failed[0] from None
+        raise
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
     return target
+
+
+def _open_lock(path: Path) -> int:
+    """A file descriptor on the lock file ``path``, created if missing, never through a symbolic link.
+
+    Opened for reading and writing but never truncated or written: it only carries the flock. A lock
+    that is a symbolic link is refused, since opening it would create or touch the file it points to.
+    """
+    nofollow = getattr(os, "O_NOFOLLOW", 0)
+    if not nofollow and path.is_symlink():  # without O_NOFOLLOW, checked before opening instead
+        raise AgentpeftError(f"lock file {path} is a symbolic link; remove it (it holds nothing) and retry")
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | nofollow | getattr(os, "O_CLOEXEC", 0), 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP or path.is_symlink():
+            raise AgentpeftError(f"lock file {path} is a symbolic link; remove it (it holds nothing) and retry") from None
+        raise
 
 
 @contextmanager
 def _lock(name: str):
     folder = registry_dir() / name
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "w") as fh:
+    with os.fdopen(_open_lock(folder / ".lock"), "r+b", buffering=0) as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield folder
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make ``folder``'s entries (files created, renamed or removed in it) durable."""
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as exc:  # some file systems cannot sync a directory: their entries are as durable as they get
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file and folder under ``root`` to disk, so that a crash after renaming it into the
+    registry cannot leave a version whose files are empty or cut short."""
+    for dirpath, _, filenames in os.walk(root):
+        for filename in filenames:
+            path = os.path.join(dirpath, filename)
+            if os.path.islink(path):
+                continue
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
 
 
 def publish(name: str, files: dict[str, Path], manifest: dict) -> tuple[int, Path]:
@@ -152,7 +286,8 @@ def publish(name: str, files: dict[str, Path], manifest: dict) -> tuple[int, Pat
     """
     check_name(name)
     with _lock(name) as folder:
-        version = (versions(name) or [0])[-1] + 1
+        # Past every numbered folder, including one whose manifest is missing: never renamed onto.
+        version = max((v for p in folder.iterdir() if (v := _version_of(p)) is not None), default=0) + 1
         # Staged outside registry/ (same disk, so the rename is atomic): a publish killed before
         # the rename leaves the registry exactly as it was. Under the lock, any staging folder
         # of this name was left by a killed publish.
@@ -173,6 +308,7 @@ def publish(name: str, files: dict[str, Path], manifest: dict) -> tuple[int, Pat
             manifest = {**manifest, "name": name, "version": version}
             (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
             (staging / "README.md").write_text(model_card(manifest))
+            _fsync_tree(staging)
             _test_kill_point("publish:before-rename")
             os.rename(staging, folder / str(version))
         except BaseException:
@@ -180,6 +316,9 @@ def publish(name: str, files: dict[str, Path], manifest: dict) -> tuple[int, Pat
                 shutil.move(str(target), str(src))
             shutil.rmtree(staging, ignore_errors=True)
             raise
+        # The rename itself, and the name's folder where this is its first version, made durable.
+        _fsync_dir(folder)
+        _fsync_dir(folder.parent)
     return version, folder / str(version)
 
 

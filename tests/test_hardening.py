@@ -176,3 +176,103 @@ def test_redaction_still_finds_what_it_should(text, expected):
     from agentpeft.pii import redact
 
     assert redact(text).text == expected
+
+
+# --- Registry robustness ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("content", ["", "{not json", "[]", '{"name": "someone-else", "version": 1}', "\xff\xfe"])
+def test_list_skips_an_unreadable_or_foreign_manifest_and_warns_once(content, home, caplog):
+    entries = _seed("bot", versions=2) + _seed("other")
+    broken = entries[1] / "manifest.json"  # bot@2, the latest of bot
+    broken.write_bytes(content.encode("latin-1"))
+    rows = registry.list_models()
+    assert [(r["name"], r["version"], r["versions"]) for r in rows] == [("bot", 1, [1]), ("other", 1, [1])]
+    registry.list_models()
+    warnings = [r.getMessage() for r in caplog.records if str(broken) in r.getMessage()]
+    assert len(warnings) == 1 and "agentpeft rm bot@2 --yes" in warnings[0]
+    result = CliRunner().invoke(cli, ["list"])
+    assert result.exit_code == 0 and "bot@1" in result.output and "other@1" in result.output, result.output
+    _one_line_error(CliRunner().invoke(cli, ["show", "bot@2"]), str(broken), "agentpeft rm bot@2 --yes")
+    assert CliRunner().invoke(cli, ["rm", "bot@2", "--yes"]).exit_code == 0  # the fix the message names
+    assert registry.versions("bot") == [1]
+
+
+def test_publish_fsyncs_every_file_and_folder_before_the_rename(home, monkeypatch):
+    _seed("bot")
+    synced: list[str] = []
+    renamed: list[tuple[str, set[str]]] = []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    def rename(src, dst):
+        if Path(dst).parent == home / "registry" / "bot":
+            staged = {str(p) for p in Path(src).rglob("*")} | {str(src)}
+            renamed.append((str(dst), staged - set(synced)))
+            synced.append("rename")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    entry = _seed("bot")[0]
+    assert renamed == [(str(entry), set())]  # nothing in the staged version was left unsynced
+    assert str(home / "staging") != renamed[0][0]
+    after = synced[synced.index("rename"):]
+    assert str(home / "registry" / "bot") in after  # the rename itself is made durable too
+    assert {p.name for p in entry.rglob("*")} >= {"manifest.json", "README.md", "adapter", "adapter_model.safetensors"}
+
+
+@pytest.mark.parametrize("where", ["registry/bot/7", "registry/bot/1/copy", "registry/forged", "registry"])
+def test_export_into_the_registry_or_its_own_source_is_refused(where, home):
+    _seed("bot")
+    before = sorted(str(p) for p in (home / "registry").rglob("*"))
+    _one_line_error(CliRunner().invoke(cli, ["export", "bot@1", str(home / where)]), "cannot export")
+    assert sorted(str(p) for p in (home / "registry").rglob("*")) == before
+    assert registry.versions("bot") == [1]
+
+
+def test_export_through_a_symlink_into_the_registry_is_refused(home, tmp_path):
+    _seed("bot")
+    (tmp_path / "link").symlink_to(home / "registry" / "bot")
+    _one_line_error(CliRunner().invoke(cli, ["export", "bot@1", str(tmp_path / "link" / "9")]), "inside the registry")
+    assert registry.versions("bot") == [1] and not (home / "registry" / "bot" / "9").exists()
+
+
+def test_export_cut_short_leaves_nothing_behind(home, tmp_path, monkeypatch):
+    import errno
+    import shutil
+
+    _seed("bot")
+
+    def full(src, dst, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(shutil, "copyfile", full)
+        _one_line_error(CliRunner().invoke(cli, ["export", "bot@1", str(tmp_path / "out")]), "No space left on device")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home"]  # no "out", no copy left aside
+    assert (registry.export("bot@1", tmp_path / "out") / "manifest.json").is_file()
+
+
+def test_a_symlinked_lock_file_is_refused_and_its_target_untouched(home, tmp_path):
+    _seed("bot")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    lock = home / "registry" / "bot" / ".lock"
+    lock.unlink()
+    lock.symlink_to(victim)
+    for args in (["rm", "bot@1", "--yes"],):
+        _one_line_error(CliRunner().invoke(cli, args), f"lock file {lock} is a symbolic link")
+    with pytest.raises(AgentpeftError, match="symbolic link"):
+        _seed("bot")
+    assert victim.read_text() == "precious" and registry.versions("bot") == [1]
+    dangling = home / "registry" / "new" / ".lock"
+    dangling.parent.mkdir()
+    dangling.symlink_to(tmp_path / "created-through-the-link")
+    with pytest.raises(AgentpeftError, match="symbolic link"):
+        _seed("new")
+    assert not (tmp_path / "created-through-the-link").exists()
+
