@@ -84,23 +84,91 @@ def accepts_allow_pickle(func):
     return wrapper
 
 
-def check_weights(folder: Path | str, what: str = "model") -> bool:
-    """True if ``folder`` holds safetensors weights; False if pickles only and ``allow_pickle`` is on.
+#: A shard of transformers' distributed checkpoints: a folder holding one is loaded from its .safetensors files.
+_DISTRIBUTED_SHARD = re.compile(r"shard-[0-9]{5}-model-[0-9]{5}-of-[0-9]{5}\.safetensors")
 
-    Pickle-only folders are refused otherwise: unpickling a file can run arbitrary code.
+
+def _json_object(path: Path) -> dict:
+    """The JSON object in ``path``; {} when it is missing or not a JSON object."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _index_files(folder: Path, index: str) -> list[str]:
+    """The index file and the shard files a sharded checkpoint's index names."""
+    weight_map = _json_object(folder / index).get("weight_map")
+    shards = sorted({str(f) for f in weight_map.values()}) if isinstance(weight_map, dict) else []
+    return [index, *shards]
+
+
+def _files_loaded(folder: Path, adapter: bool) -> list[str] | None:
+    """The weight files (relative to ``folder``) that loading it reads, found the way the loader finds them:
+    peft for an adapter; transformers, asked for safetensors, for a model (a distributed checkpoint's
+    shards, else the file config.json's ``transformers_weights`` names, else model.safetensors, else
+    the sharded index and its shards). None when there are none, and the loader would fall back to
+    pickles (asked for them) or fail."""
+    if adapter:
+        return ["adapter_model.safetensors"] if (folder / "adapter_model.safetensors").is_file() else None
+    names = [p.name for p in folder.iterdir()]
+    if any(_DISTRIBUTED_SHARD.fullmatch(n) for n in names):
+        return sorted(n for n in names if n.endswith(".safetensors"))
+    named = _json_object(folder / "config.json").get("transformers_weights")
+    if isinstance(named, str) and named:  # transformers reads this file whatever else the folder holds
+        return _index_files(folder, named) if named.endswith(".index.json") else [named]
+    if (folder / "model.safetensors").is_file():
+        return ["model.safetensors"]
+    if (folder / "model.safetensors.index.json").is_file():
+        return _index_files(folder, "model.safetensors.index.json")
+    return None
+
+
+def _pickle_fallback(folder: Path, adapter: bool) -> list[str]:
+    """The pickles the loader reads when told not to use safetensors (and other pickle files, to name them)."""
+    if not folder.is_dir():
+        return []
+    own = ["adapter_model.bin"] if adapter else ["pytorch_model.bin", "pytorch_model.bin.index.json"]
+    found = [n for n in own if (folder / n).is_file()]
+    if not adapter and "pytorch_model.bin.index.json" in found:
+        found = sorted(set(found) | set(_index_files(folder, "pytorch_model.bin.index.json")[1:]))
+    return found or sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+
+
+def check_weights(folder: Path | str, what: str = "model", adapter: bool = False) -> bool:
+    """Whether to load ``folder`` with ``use_safetensors``: True when every weight file that loading it reads
+    is a safetensors file; False when those are pickles and ``allow_pickle`` is on.
+
+    The files checked are those the loader will read (``adapter``: peft's adapter_model file; otherwise
+    transformers' model.safetensors, sharded index, or the file config.json names), not whatever else
+    lies in the folder: a stray .safetensors file beside a pickle does not make the pickle safe.
+    Pickles are refused otherwise: unpickling a file can run arbitrary code.
     """
     folder = Path(folder)
-    if any(folder.glob("*.safetensors")):
-        return True
-    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES) if folder.is_dir() else []
-    if not pickles:
-        raise AgentpeftError(f"{what} folder {folder} has no .safetensors weights; only safetensors are loaded")
+    loaded = _files_loaded(folder, adapter) if folder.is_dir() else None
+    if loaded is not None:
+        weights = [n for n in loaded if not n.endswith(".index.json")]
+        pickles = [n for n in weights if not n.endswith(".safetensors")]
+        if not pickles:
+            missing = [n for n in loaded if not (folder / n).is_file()]
+            if missing:
+                raise AgentpeftError(f"{what} folder {folder} lacks {', '.join(missing[:3])}, which its "
+                                     f"{'index' if len(loaded) > 1 else 'config.json'} names; restore the "
+                                     "checkpoint's files")
+            return True
+    else:
+        pickles = _pickle_fallback(folder, adapter)
+        if not pickles:
+            wanted = "adapter_model.safetensors" if adapter else "model.safetensors or model.safetensors.index.json"
+            raise AgentpeftError(f"{what} folder {folder} has no {wanted}; only safetensors weights are loaded")
     if not _allow_pickle.get():
         raise PickleRefusedError(
             f"{what} folder {folder} holds pickle weights ({', '.join(pickles)}), which can run code when loaded; "
             "convert them to safetensors, or pass --allow-pickle (allow_pickle=True) if you trust their source"
         )
-    return False
+    # An index or a config naming pickles is read by transformers only when it looks for safetensors.
+    return loaded is not None
 
 
 def models_dir() -> Path:
@@ -483,7 +551,7 @@ def load_tuned(base_dir: Path | str, adapter_dir: Path | str, merge: bool = Fals
     from peft import PeftModel
 
     meta = adapter_meta(adapter_dir)
-    check_weights(adapter_dir, "adapter")
+    check_weights(adapter_dir, "adapter", adapter=True)
     model = PeftModel.from_pretrained(load_model(base_dir, dequantized=meta["quantized_base"]), str(adapter_dir))
     return (model.merge_and_unload() if merge and meta["mergeable"] else model).eval()
 

@@ -276,3 +276,132 @@ def test_a_symlinked_lock_file_is_refused_and_its_target_untouched(home, tmp_pat
         _seed("new")
     assert not (tmp_path / "created-through-the-link").exists()
 
+
+# --- The pickle gate checks the files that will be loaded ------------------------------------------------
+
+
+class _Unpickled(Exception):
+    """Raised by the stand-in for torch.load: a pickle was about to be read."""
+
+
+@pytest.fixture
+def no_unpickling(monkeypatch):
+    """torch.load replaced by one that records the file and raises: no pickle is read in these tests."""
+    import torch
+
+    seen: list[str] = []
+
+    def load(f, *args, **kwargs):
+        seen.append(str(f))
+        raise _Unpickled(str(f))
+
+    monkeypatch.setattr(torch, "load", load)
+    return seen
+
+
+def _checkpoint_without_weights(tiny_base: Path, folder: Path) -> Path:
+    import shutil
+
+    folder.mkdir()
+    for f in tiny_base.iterdir():
+        if f.is_file() and f.suffix != ".safetensors":
+            shutil.copy2(f, folder / f.name)
+    return folder
+
+
+def _pickle_beside_a_decoy(tiny_base, folder):
+    """pytorch_model.bin, with an unrelated .safetensors file beside it."""
+    import shutil
+
+    folder = _checkpoint_without_weights(tiny_base, folder)
+    (folder / "pytorch_model.bin").write_bytes(b"a pickle")
+    shutil.copy2(tiny_base / "model.safetensors", folder / "decoy.safetensors")
+    return folder
+
+
+def _index_naming_a_pickle(tiny_base, folder):
+    """model.safetensors.index.json whose shard is a pickle."""
+    import shutil
+
+    folder = _checkpoint_without_weights(tiny_base, folder)
+    from safetensors import safe_open
+
+    with safe_open(str(tiny_base / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: "pytorch_model-00001-of-00001.bin" for k in keys}}))
+    (folder / "pytorch_model-00001-of-00001.bin").write_bytes(b"a pickle")
+    shutil.copy2(tiny_base / "model.safetensors", folder / "decoy.safetensors")
+    return folder
+
+
+def _config_naming_a_pickle(tiny_base, folder):
+    """config.json's transformers_weights names adapter_model.bin, beside a genuine model.safetensors."""
+    import shutil
+
+    folder = _checkpoint_without_weights(tiny_base, folder)
+    shutil.copy2(tiny_base / "model.safetensors", folder / "model.safetensors")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "transformers_weights": "adapter_model.bin"}))
+    (folder / "adapter_model.bin").write_bytes(b"a pickle")
+    return folder
+
+
+@pytest.mark.parametrize("make", [_pickle_beside_a_decoy, _index_naming_a_pickle, _config_naming_a_pickle])
+def test_a_safetensors_file_beside_the_pickle_that_loads_does_not_pass_the_gate(make, tiny_base, tmp_path,
+                                                                                 no_unpickling):
+    from agentpeft import models
+    from agentpeft.errors import PickleRefusedError
+
+    folder = make(tiny_base, tmp_path / "model")
+    with pytest.raises(PickleRefusedError, match="holds pickle weights"):
+        models.load_model(folder)
+    with pytest.raises(PickleRefusedError, match="holds pickle weights"):
+        models.resolve_base(str(folder))
+    assert no_unpickling == []
+    # With allow_pickle the same folder is loaded: the pickle it names is what transformers reads.
+    with models.pickle_allowed(), pytest.raises(_Unpickled):
+        models.load_model(folder)
+    assert no_unpickling and all(".bin" in f for f in no_unpickling)
+
+
+def test_a_pickled_adapter_beside_a_decoy_safetensors_is_refused(tiny_base, tmp_path, no_unpickling):
+    import shutil
+
+    from agentpeft import models
+    from agentpeft.errors import PickleRefusedError
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / models.ADAPTER_META).write_text(json.dumps({"method": "lora", "quantized_base": False,
+                                                           "mergeable": True}))
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
+                                                             "target_modules": ["q_proj"], "task_type": "CAUSAL_LM"}))
+    (adapter / "adapter_model.bin").write_bytes(b"a pickle")
+    shutil.copy2(tiny_base / "model.safetensors", adapter / "decoy.safetensors")
+    with pytest.raises(PickleRefusedError, match="adapter folder .* holds pickle weights \\(adapter_model.bin\\)"):
+        models.load_tuned(tiny_base, adapter)
+    assert no_unpickling == []
+
+
+def test_safetensors_checkpoints_still_pass(tiny_base, tmp_path):
+    import shutil
+
+    from agentpeft import models
+
+    assert models.check_weights(tiny_base) is True
+    sharded = _checkpoint_without_weights(tiny_base, tmp_path / "sharded")
+    shutil.copy2(tiny_base / "model.safetensors", sharded / "model-00001-of-00001.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(tiny_base / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: "model-00001-of-00001.safetensors" for k in keys}}))
+    (sharded / "pytorch_model.bin").write_bytes(b"an old pickle, never read")
+    assert models.check_weights(sharded) is True
+    assert models.load_model(sharded).config.vocab_size == models.load_model(tiny_base).config.vocab_size
+    empty = _checkpoint_without_weights(tiny_base, tmp_path / "empty")
+    (empty / "notes.safetensors").write_bytes(b"")
+    with pytest.raises(AgentpeftError, match="model.safetensors"):
+        models.check_weights(empty)
