@@ -184,9 +184,11 @@ def test_dedup_removes_exact_and_near_duplicates_but_keeps_distinct_facts():
         Pair("Which guarantee comes with a toaster?", answer),                                  # a new question
     ]
     kept = dedup_filter(list(pairs), _recipe())
-    assert [p.question for p in kept] == [pairs[i].question for i in (0, 4, 5, 6, 7)]
-    # At threshold 1.0 only exact (normalized) question duplicates go.
-    assert len(dedup_filter(list(pairs), _recipe(dedup_threshold=1.0))) == 7
+    # The repeated question with another answer is another fact: kept, its question naming what it is about.
+    assert [p.question for p in kept] == [pairs[0].question, "how long is the WARRANTY: different answer to a repeated",
+                                          *(pairs[i].question for i in (4, 5, 6, 7))]
+    # At threshold 1.0 only exact duplicates (same normalized question and answer) go.
+    assert len(dedup_filter(list(pairs), _recipe(dedup_threshold=1.0))) == 8
 
 
 def test_dedup_and_card_on_a_knowledge_base_with_copied_faq(tmp_path, tiny_base):
@@ -556,3 +558,76 @@ def test_strict_flag_turns_skipped_files_into_an_error(tmp_path, tiny_base, home
     strict = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "b"), "--strict"])
     assert strict.exit_code == 1 and "broken.md" in strict.output and "Traceback" not in strict.output
     assert not (tmp_path / "b").exists()
+
+
+# --- dedup keeps what the knowledge base says; long answers are split; the card says what went -------
+
+def _qa_docs(rows: list[tuple[str, str]], source: str = "kb/topic.xml") -> list[Document]:
+    return [Document(page_content=a, metadata={"source": source, "line": 10 * (i + 1), "question": q})
+            for i, (q, a) in enumerate(rows)]
+
+
+def _qa_recipe(max_seq_len: int = 256, **data) -> Recipe:
+    return Recipe(name="t", system_prompt="SYS", data=DataConfig(generators=["qa"], auto_generators=False, general=0,
+                                                                 train_phrasings=2, **data),
+                  train=TrainConfig(max_seq_len=max_seq_len))
+
+
+def _qa_build(docs, tok, out, recipe) -> tuple[dict, list[dict], list[dict]]:
+    result = build_dataset(docs, recipe.data.generators, tok, "SYS", out, recipe.data.train_phrasings,
+                           recipe.train.max_seq_len, recipe=recipe)
+    rows = {split: [json.loads(line) for line in (out / f"{split}.jsonl").read_text().splitlines()]
+            for split in ("train", "eval")}
+    return result.card, rows["train"], rows["eval"]
+
+
+CHOLESTEROL = "What is (are) High Blood Cholesterol ?"
+PARTS = [
+    "Cholesterol is a waxy, fat-like substance that your liver makes.",
+    "LDL stands for low-density lipoproteins. LDL cholesterol is sometimes called bad cholesterol.",
+    "HDL stands for high-density lipoproteins. HDL cholesterol is sometimes called good cholesterol.",
+    "Triglycerides are another kind of fat that your liver makes.",
+]
+
+
+def test_same_question_with_different_answers_keeps_each_under_its_own_question(tmp_path, tiny_base):
+    pairs = [Pair(CHOLESTEROL, a, paraphrases=["Tell me about high blood cholesterol."]) for a in PARTS]
+    kept = dedup_filter(list(pairs), _recipe())
+    assert [p.answer for p in kept] == PARTS  # nothing that the knowledge base says is lost
+    assert [p.question for p in kept] == [CHOLESTEROL, "What is (are) High Blood Cholesterol: LDL?",
+                                          "What is (are) High Blood Cholesterol: HDL?",
+                                          "What is (are) High Blood Cholesterol: Triglycerides?"]
+    assert kept[0].paraphrases == pairs[0].paraphrases and not any(p.paraphrases for p in kept[1:])
+    assert pairs[1].question == CHOLESTEROL  # the input pairs are left alone
+    # With no focus to tell two answers apart, the question says which part it is.
+    same_start = [Pair("What is it?", "It is red."), Pair("What is it?", "It is blue."),
+                  Pair("What is it?", "It is green.")]
+    assert [p.question for p in dedup_filter(same_start, _recipe())] == [
+        "What is it?", "What is it: It is blue?", "What is it: It is green?"]
+    vague = [Pair("What is it?", "Red."), Pair("What is it?", "Blue."), Pair("What is it: Blue?", "Other.")]
+    assert [p.question for p in dedup_filter(vague, _recipe())] == ["What is it?", "What is it: part 2?",
+                                                                     "What is it: Blue?"]
+    # Built into a dataset, each answer is a fact of its own, held out under its own question.
+    card, train, held_out = _qa_build(_qa_docs([(CHOLESTEROL, a) for a in PARTS]), load_tokenizer(tiny_base),
+                                      tmp_path / "out", _qa_recipe())
+    assert card["facts"] == 4 and len({r["question"] for r in held_out}) == 4
+    assert sorted(r["answer"] for r in held_out) == sorted(PARTS)
+
+
+def test_near_duplicates_still_go_but_similar_questions_with_different_answers_stay():
+    answer = ("The institute conducts research related to Brindle syndrome in its laboratories and supports "
+              "research through grants to major medical institutions across the country.")
+    # A long shared question makes question plus answer alike although the short answers differ.
+    asked = ("Which research studies and clinical trials on the causes, diagnosis, treatment and prevention of the "
+             "rare inherited Brindle syndrome of the {} elbow are the national institutes and the universities "
+             "running this year in the laboratories of the country ?")
+    pairs = [
+        Pair("What research is being done for Brindle syndrome ?", answer),
+        Pair("What research is being done for Brindle syndrome ?", answer.replace("major ", "")),  # same q, near a
+        Pair("What research is being done for Brindle syndrome, then?", answer + " Yes."),         # near q and a
+        Pair(asked.format("left"), "Trials test a brace."),
+        Pair(asked.format("right"), "Trials test a splint."),  # a similar question with another answer
+    ]
+    kept = dedup_filter(list(pairs), _recipe())
+    assert [p.question for p in kept] == [pairs[i].question for i in (0, 3, 4)]
+    assert [p.answer for p in kept] == [pairs[i].answer for i in (0, 3, 4)]
