@@ -213,7 +213,10 @@ def test_length_filter_uses_model_tokens_and_context_window(tiny_base):
     n_long = len(tok(long_answer)["input_ids"])
     assert 512 < n_long < 2048  # under max_seq_len, over the tiny model's 512-token context window
     kept = length_filter(pairs, recipe)
-    assert [p.question for p in kept] == ["What is the price?"]
+    # The long answer is split into parts that fit the 512-token window; the one-character question goes.
+    assert [p.question for p in kept] == ["What is the price?"] + [
+        f"Tell me everything? (part {i} of 3: lamp)" for i in (1, 2, 3)]
+    assert "".join(p.answer for p in kept[1:]).replace(" ", "") == long_answer.replace(" ", "")
     short = Recipe(name="t", system_prompt="SYS", base_model=str(tiny_base), train=TrainConfig(max_seq_len=16))
     assert length_filter(pairs[:1], short) == []
 
@@ -631,3 +634,62 @@ def test_near_duplicates_still_go_but_similar_questions_with_different_answers_s
     kept = dedup_filter(list(pairs), _recipe())
     assert [p.question for p in kept] == [pairs[i].question for i in (0, 3, 4)]
     assert [p.answer for p in kept] == [pairs[i].answer for i in (0, 3, 4)]
+
+
+def test_long_answer_is_split_into_parts_that_fit_and_hold_a_key(tmp_path, tiny_base):
+    from agentpeft.default_plugins import medical
+    from agentpeft.pipeline.dataset import count_tokens
+
+    tok = load_tokenizer(tiny_base)
+    middle = " ".join(f"Step {n} of the lamp care routine is to wipe the linen shade and the brass base."
+                      for n in range(1, 13))
+    run_on = " ".join(["The shade and the lamp and the base"] * 40)  # one sentence longer than any budget
+    answer = (f"Every Acme lamp has a 7-year warranty on parts.\n\n{middle}\n\nCare matters. {run_on}.\n\n"
+              "Dust the shade weekly.")
+    pair = Pair("How do I care for my lamp?", answer, key="7-year", source="kb/care.md:3",
+                paraphrases=["What is the lamp care routine?"])
+    recipe = _qa_recipe(max_seq_len=160, filters=["safety_note"])
+    recipe = recipe.model_copy(update={"base_model": str(tiny_base)})
+    parts = length_filter([pair, Pair("What is the price?", "It costs $42.")], recipe)
+    assert parts[-1].question == "What is the price?"  # a pair that fits is kept as it is
+    parts = parts[:-1]
+    assert len(parts) >= 3
+    n = len(parts)
+    for i, part in enumerate(parts, 1):
+        assert part.question.startswith(f"How do I care for my lamp? (part {i} of {n}")
+        assert part.key and part.key in part.answer and part.source == pair.source
+        assert part.answer in answer  # copied from the answer, never rewritten
+    assert parts[0].key == "7-year" and parts[0].answer.startswith("Every Acme lamp")
+    # Paragraph boundaries first, then sentence boundaries: no part starts or ends inside a sentence.
+    assert all(p.answer.endswith(".") for p in parts)
+    kept_text = " ".join(p.answer for p in parts)
+    assert "Dust the shade weekly." in kept_text and "Care matters." in kept_text
+    assert run_on not in kept_text  # the one sentence that cannot fit is the only thing left out
+    assert sum(len(p.answer.split()) for p in parts) == len(answer.split()) - len(run_on.split())
+    # Every part fits once the safety note is on its answer and its question is phrased for train and eval.
+    card, train, held_out = _qa_build(_qa_docs([(pair.question, answer)]), tok, tmp_path / "out", recipe)
+    assert card["facts"] == n and len(held_out) == n and len(train) == 2 * n
+    assert all(r["answer"].endswith(medical.SAFETY_NOTE) for r in train + held_out)
+    assert max(count_tokens(tok, "SYS", r["question"], r["answer"])[1] for r in train + held_out) <= 160
+
+
+def test_dataset_card_says_what_each_filter_dropped_and_why(tmp_path, tiny_base):
+    long_answer = " ".join(f"Rule {n} says the lamp must stay dry and away from the bath." for n in range(1, 30))
+    rows = [(CHOLESTEROL, PARTS[0]), (CHOLESTEROL, PARTS[0].replace("waxy, ", "waxy ")), (CHOLESTEROL, PARTS[1]),
+            ("Where should the lamp stand?", long_answer), ("?", "Yes."),
+            ("What is the stand?", "the stand " * 120 + "end.")]
+    card, _, _ = _qa_build(_qa_docs(rows), load_tokenizer(tiny_base), tmp_path / "out", _qa_recipe(max_seq_len=160))
+    dedup, length = card["notes"]["dedup"], card["notes"]["length"]
+    assert dedup["dropped"] == {"same question, near-identical answer": 1}
+    assert dedup["examples"] == [{"reason": "same question, near-identical answer", "question": CHOLESTEROL,
+                                  "source": "kb/topic.xml:20", "duplicate_of": "kb/topic.xml:10"}]
+    assert dedup["questions_made_distinct"] == 1
+    assert dedup["distinct_question_examples"][0]["now"] == "What is (are) High Blood Cholesterol: LDL?"
+    assert length["dropped"] == {"question or answer too short": 1, "no part of the answer fits": 1,
+                                 "sentence longer than the limit, left out of a split answer": 1}
+    assert {e["question"] for e in length["examples"]} == {"?", "What is the stand?"}
+    assert length["split"]["answers"] == 1 and length["split"]["parts"] >= 2
+    assert card["facts"] == 2 + length["split"]["parts"]
+    assert {f["name"]: (f["in"], f["out"]) for f in card["filters"]}["dedup"] == (6, 5)
+    markdown = (tmp_path / "out" / "dataset_card.md").read_text()
+    assert "## dedup" in markdown and "## length" in markdown and "no part of the answer fits" in markdown

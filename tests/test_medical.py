@@ -193,3 +193,35 @@ def test_medquad_loader_skips_foreign_and_broken_xml_with_the_reason(tmp_path, c
     # --strict turns the skipped files into one error that names both
     with pytest.raises(AgentpeftError, match=r"2 file\(s\) .*broken\.xml \(malformed XML.*sitemap\.xml"):
         ingest(kb, ["medquad"], strict=True)
+
+
+MEDQUAD = Path(__file__).resolve().parents[2] / "shared" / "data" / "medquad"
+#: A NIDDK file that asks five of its questions twice, each time with another answer, some too long for one pair.
+REPEATS = MEDQUAD / "5_NIDDK_QA" / "0000136.xml"
+
+
+@pytest.mark.skipif(not REPEATS.is_file(), reason=f"the MedQuAD subset is not at {MEDQUAD} (../shared is absent)")
+def test_medquad_answers_all_become_facts(tmp_path, tiny_base):
+    from agentpeft.models import load_tokenizer
+    from agentpeft.pipeline.dataset import build_dataset
+    from agentpeft.pipeline.ingest import ingest
+
+    recipe = get_recipes()["medical-qa"]
+    recipe = recipe.model_copy(update={
+        "data": recipe.data.model_copy(update={"generators": ["qa"], "auto_generators": False, "general": 0}),
+        "train": recipe.train.model_copy(update={"max_seq_len": 512})})
+    docs = ingest(REPEATS, ["medquad"])
+    result = build_dataset(docs, ["qa"], load_tokenizer(tiny_base), recipe.system_prompt, tmp_path / "out",
+                           recipe.data.train_phrasings, 512, recipe=recipe)
+    card = result.card
+    held_out = [json.loads(line) for line in (tmp_path / "out" / "eval.jsonl").read_text().splitlines()]
+    dedup, length = card["notes"]["dedup"], card["notes"]["length"]
+    assert card["generated"] == {"qa": len(docs)} and dedup["questions_made_distinct"] >= 5
+    assert length["split"]["answers"] >= 1 and not length["dropped"].get("no part of the answer fits")
+    # Every answer is a fact (or several, once split) with its own held-out question, unless it repeats another.
+    dropped = {e["source"] for e in dedup["examples"]}
+    assert sum(dedup["dropped"].values()) == len(dropped)
+    sources = {f"{d.metadata['source']}:{d.metadata['line']}" for d in docs}
+    assert {r["source"] for r in held_out} == sources - dropped
+    assert card["facts"] == len(held_out) == len({r["question"] for r in held_out}) > len(docs)
+    assert all(r["answer"].endswith(medical.SAFETY_NOTE) for r in held_out)

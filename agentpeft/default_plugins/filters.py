@@ -1,4 +1,7 @@
-"""Built-in pair filters: PII redaction, duplicate removal, token-length bounds."""
+"""Built-in pair filters: PII redaction, duplicate removal, and token-length bounds that split long answers.
+
+Each filter records for the dataset card what it dropped and why (counts by reason and a few examples).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,8 @@ from dataclasses import replace
 
 from ..hookspecs import hookimpl
 from ..pii import redact, replace_known
-from ..pipeline.dataset import Filter, Pair, context_window, count_tokens, note, stage_tokenizer
+from ..pipeline.dataset import (EVAL_WRAPPERS, TRAIN_WRAPPERS, Filter, Pair, context_window, count_tokens, key_fact,
+                                note, stage_tokenizer)
 
 NUM_PERM = 128
 #: Examples of dropped pairs the dataset card shows per reason.
@@ -49,10 +53,16 @@ class _Drops:
         self.counts: Counter = Counter()
         self.examples: list[dict] = []
 
-    def add(self, reason: str, pair: Pair, n: int = 1, **detail) -> None:
-        self.counts[reason] += n
+    def add(self, reason: str, pair: Pair, **detail) -> None:
+        self.counts[reason] += 1
         if sum(1 for e in self.examples if e["reason"] == reason) < EXAMPLES:
-            self.examples.append({"reason": reason, "question": pair.question, "source": pair.source, **detail})
+            self.examples.append({"reason": reason, "question": _excerpt(pair.question), "source": pair.source,
+                                  **{k: _excerpt(v) if isinstance(v, str) else v for k, v in detail.items()}})
+
+
+def _excerpt(text: str, limit: int = 160) -> str:
+    """``text`` cut to ``limit`` characters at a word boundary, marked with an ellipsis where cut."""
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
 
 
 # --- dedup ----------------------------------------------------------------------------------------
@@ -214,23 +224,186 @@ def _distinct_questions(pairs: list[Pair]) -> tuple[list[Pair], list[dict]]:
 
 MIN_QUESTION_TOKENS = 2
 MIN_ANSWER_TOKENS = 1
+TOO_SHORT = "question or answer too short"
+NO_PART_FITS = "no part of the answer fits"
+LONG_SENTENCE = "sentence longer than the limit, left out of a split answer"
+OVER_WHEN_COUNTED = "part over the limit when counted exactly"
+#: How far from the limit an estimated length must be to be trusted without counting the rendered text.
+ESTIMATE_SLACK = 8
+_PROBE = Pair("What is it?", "It is.")
+_PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n\s*")
+_SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[]?[A-Z0-9])|[ \t]*\n\s*")
+
+
+def _n_tokens(tokenizer, text: str) -> int:
+    return len(tokenizer(text.strip(), add_special_tokens=False)["input_ids"])
+
+
+def _later_growth(recipe, tokenizer) -> int:
+    """Tokens that the recipe's own filters, which run after this one, add to an answer (a safety note).
+
+    They are run once on a sample pair: what they add must still fit when the pair is rendered.
+    """
+    from ..pipeline.dataset import get_filters
+
+    later = [n for n in recipe.data.filters if n not in ("pii", "dedup", "length")]
+    if not later:
+        return 0
+    filters, probe = get_filters(), [replace(_PROBE, paraphrases=[])]
+    for name in later:
+        if name in filters and probe:
+            probe = list(filters[name].apply(probe, recipe))
+    return max(0, _n_tokens(tokenizer, probe[0].answer) - _n_tokens(tokenizer, _PROBE.answer)) if probe else 0
+
+
+def _longest_phrasing(tokenizer, pair: Pair, question: str) -> str:
+    """The longest form ``question`` takes in train or eval: as written, a paraphrase, or a phrasing wrapper."""
+    if not pair.held_out:
+        return question
+    lc = question[:1].lower() + question[1:]
+    # The generator's paraphrases rephrase the pair's own question; a part's new question has none.
+    forms = [question, *(pair.paraphrases if question == pair.question else ()),
+             *(w.format(q=question, lc=lc, lower=question.lower().rstrip("?").strip())
+               for w in TRAIN_WRAPPERS + EVAL_WRAPPERS)]
+    lengths = [len(ids) for ids in tokenizer([f.strip() for f in forms], add_special_tokens=False)["input_ids"]]
+    return forms[lengths.index(max(lengths))]
+
+
+class _Measure:
+    """Tokens of one pair's conversations as train and eval render them, estimated where far from the limit."""
+
+    def __init__(self, tokenizer, system: str | None, pair: Pair, growth: int) -> None:
+        self.tokenizer, self.system, self.pair, self.growth = tokenizer, system, pair, growth
+        self.longest = _longest_phrasing(tokenizer, pair, pair.question)
+        self.fixed = count_tokens(tokenizer, system, self.longest, "")[1] + growth
+        self.question_tokens = _n_tokens(tokenizer, pair.question)
+        self._fixed: dict[str, int] = {pair.question: self.fixed}
+
+    def tokens(self, question: str, answer: str, exact: bool = False, limit: int | None = None) -> int:
+        """The longest rendered conversation of ``question`` and ``answer``, in tokens.
+
+        The template's tokens plus the answer's own make the total, give or take a token where they
+        meet, and another question phrased the same way adds its own length; a total within
+        ``ESTIMATE_SLACK`` of ``limit`` (or any total, with ``exact``) is counted on the rendered text.
+        """
+        if question not in self._fixed:
+            self._fixed[question] = self.fixed + _n_tokens(self.tokenizer, question) - self.question_tokens
+        estimate = self._fixed[question] + _n_tokens(self.tokenizer, answer)
+        if not exact and (limit is None or abs(estimate - limit) > ESTIMATE_SLACK):
+            return estimate
+        longest = _longest_phrasing(self.tokenizer, self.pair, question)
+        return count_tokens(self.tokenizer, self.system, longest, answer)[1] + self.growth
+
+
+def _spans(text: str, breaks: re.Pattern, start: int = 0, end: int | None = None) -> list[tuple[int, int]]:
+    """The non-blank stretches of ``text[start:end]`` between ``breaks``, as (start, end) offsets in ``text``."""
+    end = len(text) if end is None else end
+    out, pos = [], start
+    for m in breaks.finditer(text, start, end):
+        out.append((pos, m.start()))
+        pos = m.end()
+    out.append((pos, end))
+    return [(s, e) for s, e in out if text[s:e].strip()]
+
+
+def part_question(question: str, index: int, total: int, focus: str) -> str:
+    """The question of one part of a split answer: "What is X? (part 2 of 3: LDL)"."""
+    return f"{question.rstrip()} (part {index} of {total}{': ' + focus if focus else ''})"
+
+
+def split_answer(pair: Pair, fits, drops: _Drops | None = None) -> list[Pair]:
+    """``pair`` as parts that each fit: its answer cut at paragraph, then sentence boundaries.
+
+    ``fits(question, answer)`` says whether a pair fits. Each part is a run of whole paragraphs (or,
+    inside a paragraph too long for one part, of whole sentences) copied from the answer, with a
+    question naming the part and what it starts with; its key is the pair's key where the part holds
+    it, else the part's own key fact. A sentence that cannot fit at all is left out (and counted in
+    ``drops``).
+    """
+    text = pair.answer
+
+    def question(index: int, total: int, start: int) -> str:
+        focus = answer_focus(text[start:], max_words=4)
+        return part_question(pair.question, index, total, focus[0] if focus else "")
+
+    # Labels are measured at their widest: no answer has more parts than sentences.
+    bound = max(len(_spans(text, _SENTENCE_BREAK)), 1)
+    units: list[tuple[int, int]] = []
+    for s, e in _spans(text, _PARAGRAPH_BREAK):
+        if fits(question(bound, bound, s), text[s:e]):
+            units.append((s, e))
+        else:
+            units += _spans(text, _SENTENCE_BREAK, s, e)
+    parts: list[tuple[int, int]] = []
+    i = 0
+    while i < len(units):
+        start, asked = units[i][0], question(bound, bound, units[i][0])
+        if not fits(asked, text[start:units[i][1]]):
+            if drops is not None:
+                drops.add(LONG_SENTENCE, pair, sentence=text[start:units[i][1]])
+            i += 1
+            continue
+        # The longest run of units from here that fits; a run that holds a unit too long alone never fits.
+        lo, hi = i, len(units) - 1
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if fits(asked, text[start:units[mid][1]]):
+                lo = mid
+            else:
+                hi = mid - 1
+        parts.append((start, units[lo][1]))
+        i = lo + 1
+    out = []
+    for index, (s, e) in enumerate(parts, 1):
+        answer, asked = text[s:e].strip(), question(index, len(parts), s)
+        key = pair.key if pair.key and pair.key in answer else (key_fact(answer) if pair.key else None)
+        out.append(replace(pair, question=asked, answer=answer, key=key, paraphrases=[]))
+    return out
 
 
 def length_filter(pairs: list[Pair], recipe) -> list[Pair]:
-    """Keep pairs whose rendered conversation fits the smaller of max_seq_len and the model's context window."""
+    """Fit every pair into the smaller of max_seq_len and the model's context window; split long answers.
+
+    A pair fits when its conversation, rendered as train and eval render it (the longest phrasing of
+    its question, the answer as the recipe's later filters leave it), is within the limit in the base
+    model's tokens. A longer answer becomes parts that each fit (:func:`split_answer`); pairs with a
+    question or answer too short to hold a fact are dropped.
+    """
     tokenizer = stage_tokenizer(recipe)
     limit = min(recipe.train.max_seq_len, context_window(tokenizer))
-    kept, short, long_ = [], 0, 0
+    growth = _later_growth(recipe, tokenizer)
+    drops = _Drops()
+    kept: list[Pair] = []
+    split_answers = split_parts = 0
     for pair in pairs:
-        n_q = len(tokenizer(pair.question.strip(), add_special_tokens=False)["input_ids"])
-        n_a = len(tokenizer(pair.answer.strip(), add_special_tokens=False)["input_ids"])
-        if n_q < MIN_QUESTION_TOKENS or n_a < MIN_ANSWER_TOKENS:
-            short += 1
-        elif count_tokens(tokenizer, recipe.system_prompt, pair.question, pair.answer)[1] > limit:
-            long_ += 1
-        else:
+        if (_n_tokens(tokenizer, pair.question) < MIN_QUESTION_TOKENS
+                or _n_tokens(tokenizer, pair.answer) < MIN_ANSWER_TOKENS):
+            drops.add(TOO_SHORT, pair)
+            continue
+        measure = _Measure(tokenizer, recipe.system_prompt if pair.system else None, pair, growth)
+
+        def fits(question: str, answer: str, measure: _Measure = measure) -> bool:
+            return measure.tokens(question, answer, limit=limit) <= limit
+
+        if fits(pair.question, pair.answer):
             kept.append(pair)
-    note("length", {"limit_tokens": limit, "too_short": short, "too_long": long_})
+            continue
+        parts = []
+        for part in split_answer(pair, fits, drops):
+            if measure.tokens(part.question, part.answer, exact=True) <= limit:
+                parts.append(part)
+            else:
+                drops.add(OVER_WHEN_COUNTED, part)
+        if not parts:
+            drops.add(NO_PART_FITS, pair)
+            continue
+        split_answers += 1
+        split_parts += len(parts)
+        kept += parts
+    note("length", {"limit_tokens": limit, "reserved_for_later_filters": growth,
+                    "too_short": drops.counts[TOO_SHORT], "too_long": drops.counts[NO_PART_FITS],
+                    "split": {"answers": split_answers, "parts": split_parts}, "dropped": dict(drops.counts),
+                    "examples": drops.examples})
     return kept
 
 
