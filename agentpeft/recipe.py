@@ -128,11 +128,11 @@ class RetrievalConfig(_Strict):
     enabled: bool | Literal["auto"] = Field("auto", description=(
         "true: questions are asked with their top kb_search passages, in training, evaluation and use; auto: on when "
         "at least prose_share of the knowledge base's facts come from prose synthesis"))
-    k: int = Field(3, ge=1, le=20, description="passages put into each prompt")
+    k: int = Field(2, ge=1, le=20, description="passages put into each prompt")
     distractors: int = Field(1, ge=0, le=20, description=(
         "of a training prompt's k passages, how many are unrelated ones in place of retrieved ones (RAFT)"))
     prose_share: float = Field(0.5, ge=0, le=1, description="the share of prose-synthesized facts that turns auto on")
-    max_seq_len: int = Field(640, ge=64, description=(
+    max_seq_len: int = Field(384, ge=64, description=(
         "longest training row with its passages, in tokens (train.max_seq_len where that is longer)"))
 
 

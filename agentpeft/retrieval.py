@@ -22,7 +22,7 @@ STOPWORDS = frozenset(
     "such only own same too very just also get got please tell know want need like hi hello hey thanks thank "
     "one s t".split())
 #: Longest passage, in characters: a section is cut into passages of whole sentences up to this length.
-PASSAGE_CHARS = 500
+PASSAGE_CHARS = 300
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n\s*\n|\n(?=\s*(?:[-*+]|\d+[.)])\s)")
 
 

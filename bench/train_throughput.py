@@ -62,8 +62,8 @@ def build_data(base: Path, out: Path) -> Path:
     from agentpeft.recipe import configure
 
     recipe = configure("support-bot")
-    return build_dataset(ingest(recipe.kb_path), recipe.data.generators, load_tokenizer(base), recipe.system_prompt,
-                         out, train_phrasings=recipe.data.train_phrasings).path
+    return build_dataset(ingest(recipe.kb_path), [*recipe.data.generators, "general"], load_tokenizer(base),
+                         recipe.system_prompt, out, train_phrasings=recipe.data.train_phrasings).path
 
 
 class TokenCounter:

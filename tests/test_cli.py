@@ -17,7 +17,7 @@ from agentpeft.registry import registry_dir
     (["build", "support-bot", "--name", "../escape"], "invalid model name"),
     (["build", "support-bot", "--general", "500"], "--general: Input should be less than or equal to 202"),
     (["build", "support-bot", "--train-phrasings", "0"], "--train-phrasings: Input should be greater than or equal to 1"),
-    (["build", "tech-docs", "--general", "50"], "--general: recipe 'tech-docs' mixes no general pairs"),
+    (["build", "support-bot", "--system-prompt", "  "], "--system-prompt is empty"),
     (["build", "support-bot", "--loraplus-lr-ratio", "0.5"], "--loraplus-lr-ratio: Input should be greater than or"),
     (["show", "ghost"], "no model named 'ghost'"),
     (["models", "pull", "gpt-99"], "unknown model alias"),

@@ -32,7 +32,7 @@ set_enabled(False)
 
 def _recipe(base: Path | None = None, **data) -> Recipe:
     return Recipe(name="t", system_prompt="SYS", base_model=str(base) if base else "smollm2-135m",
-                  data=DataConfig(**data), train=TrainConfig(max_seq_len=256))
+                  data=DataConfig(**{"auto_generators": False, "general": 0, **data}), train=TrainConfig(max_seq_len=256))
 
 
 def _build(docs, tok, out, **data) -> tuple[dict, list[dict]]:
@@ -199,7 +199,10 @@ def test_dedup_and_card_on_a_knowledge_base_with_copied_faq(tmp_path, tiny_base)
     card, _ = _build(ingest(tmp_path / "kb"), load_tokenizer(tiny_base), tmp_path / "out", generators=["faq"])
     assert card["facts"] == 2 and card["generated"] == {"faq": 3}
     assert {f["name"]: (f["in"], f["out"]) for f in card["filters"]}["dedup"] == (3, 2)
-    assert card["per_source"] == {"a.md": {"documents": 2, "facts": 2}, "b.md": {"documents": 1, "facts": 0}}
+    assert card["per_source"] == {
+        "a.md": {"documents": 2, "facts": 2, "generators": {"faq": 2}, "sections_without_pairs": []},
+        "b.md": {"documents": 1, "facts": 0, "generators": {},
+                 "sections_without_pairs": ["So, how long is the warranty? (line 3)"]}}
 
 
 # --- length ---------------------------------------------------------------------------------------
@@ -269,7 +272,8 @@ def test_qa_generator_passes_explicit_pairs_through(tmp_path, tiny_base):
     answers = {r["answer"] for r in rows}
     assert answers == {f"Answer number {i} is {i * 7}." for i in range(5)}
     assert {r["key"] for r in rows if r["answer"] == "Answer number 3 is 21."} == {"21"}
-    assert card["per_source"]["faq.csv"] == {"documents": 5, "facts": 5} and evals
+    assert card["per_source"]["faq.csv"] == {"documents": 5, "facts": 5, "generators": {"qa": 5},
+                                             "sections_without_pairs": []} and evals
 
 
 # --- paraphrases and the split ---------------------------------------------------------------------
@@ -447,7 +451,8 @@ def test_data_command_writes_dataset_card_and_previews(tmp_path, tiny_base, home
     assert set(card["per_source"]) == {"about.md", "faq.md", "policies.md", "products.md", "tickets.jsonl",
                                        "agentpeft:general_qa.jsonl"}
     # The recipe asks for all 202 general pairs; dedup drops two near-duplicates of other pairs.
-    assert card["per_source"]["agentpeft:general_qa.jsonl"] == {"documents": 0, "facts": 0, "train_only": 200}
+    assert card["per_source"]["agentpeft:general_qa.jsonl"] == {"documents": 0, "facts": 0, "train_only": 200,
+                                                                 "generators": {}, "sections_without_pairs": []}
     assert card["notes"]["near_duplicates_removed"] == 2
     assert card["train_only"] == 200 and card["splits"]["train"] == 2 * card["facts"] + 200
     assert sum(s["facts"] for s in card["per_source"].values()) == card["facts"]
@@ -477,7 +482,7 @@ def test_data_mix_options_change_the_mix_and_the_cache_key(tmp_path, tiny_base, 
 def test_data_command_fails_cleanly_on_a_kb_without_pairs(tmp_path, tiny_base, home):
     kb = tmp_path / "kb"
     kb.mkdir()
-    (kb / "notes.md").write_text("# Notes\n\nJust prose, no questions and no fact bullets.\n")
+    (kb / "notes.md").write_text("# Notes\n\nOk.\n\n## Misc\n\nSee above.\n")  # no sentence to ask about
     out = tmp_path / "out"
     result = CliRunner().invoke(cli, ["data", "support-bot", "--kb", str(kb), "--base", str(tiny_base),
                                       "--out", str(out), "--quiet"])
@@ -515,7 +520,8 @@ def test_build_reuses_the_cached_dataset_until_the_kb_changes(tmp_path, tiny_bas
     for extra in ("products.md", "policies.md", "faq.md"):
         (kb / extra).unlink()
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text("name: tiny\nsystem_prompt: S\nknowledge_base: kb\ndata: {train_phrasings: 1}\n"
+    recipe.write_text("name: tiny\nsystem_prompt: S\nknowledge_base: kb\n"
+                      "data: {train_phrasings: 1, generators: [faq], auto_generators: false, general: 0}\n"
                       "eval: {forgetting_probe: false, max_new_tokens: 2}\n")
 
     def run() -> list[str]:

@@ -477,7 +477,7 @@ def test_default_wheel_with_matching_sha256_is_used(home, tmp_path, monkeypatch)
 ])
 def test_bad_names_and_knowledge_bases_are_one_line(args, message, home, tmp_path, tiny_base):
     (tmp_path / "one-doc-no-pairs").mkdir()
-    (tmp_path / "one-doc-no-pairs" / "only.md").write_text("# Notes\n\nSome prose, but no question and no fact.\n")
+    (tmp_path / "one-doc-no-pairs" / "only.md").write_text("# Notes\n\nOk.\n\n## Misc\n\nSee above.\n")
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     if args[0] == "build":
         args += ["--base", str(tiny_base), "--quiet"]

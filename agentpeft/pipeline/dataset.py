@@ -412,7 +412,8 @@ def _adhoc_recipe(generators: list[str], system_prompt: str, train_phrasings: in
 
     return Recipe(name="adhoc", system_prompt=system_prompt,
                   data=DataConfig(generators=generators, train_phrasings=train_phrasings, seed=seed,
-                                  auto_generators=False, general=0),
+                                  auto_generators=False,
+                                  general=DataConfig.model_fields["general"].default if "general" in generators else 0),
                   train=TrainConfig(max_seq_len=max_seq_len))
 
 
@@ -670,7 +671,7 @@ def kb_hash(kb: Path) -> str:
 
 
 #: Bumped when the columns of a dataset row change, so that cached datasets are rebuilt.
-DATASET_FORMAT = 2
+DATASET_FORMAT = 3
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                     "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt", "config.json")

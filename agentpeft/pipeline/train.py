@@ -206,7 +206,7 @@ def train(base_dir: Path, dataset_dir: Path, out_dir: Path, cfg: TrainConfig, re
 #: Longest row for which a CPU computes attention as plain matmuls (``eager_attention_on_cpu``): they keep the
 #: whole attention matrix for the backward pass, which grows with the square of the length; longer rows
 #: (retrieval mode's passages) use SDPA's kernel, whose memory grows linearly.
-EAGER_MAX_TOKENS = 256
+EAGER_MAX_TOKENS = 384
 #: Longest sequence of a batch's tails packed behind their shared prefix: a packed sequence attends through a
 #: full mask, whose cost grows with the square of its length, so longer groups run row by row instead.
 PACK_MAX_TOKENS = 1024
