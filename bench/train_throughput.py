@@ -54,8 +54,8 @@ HYPER = {"method": "qlora", "r": 16, "alpha": 32, "dropout": 0.05, "target_modul
 EVAL_ROWS = 96
 
 
-def build_data(base: Path, out: Path) -> Path:
-    """The support-bot dataset, built by agentpeft's dataset stage."""
+def build_data(base: Path, out: Path, max_seq_len: int = 256) -> Path:
+    """The support-bot dataset, built by agentpeft's dataset stage (pairs of at most ``max_seq_len`` tokens)."""
     from agentpeft.models import load_tokenizer
     from agentpeft.pipeline.dataset import build_dataset
     from agentpeft.pipeline.ingest import ingest
@@ -63,7 +63,8 @@ def build_data(base: Path, out: Path) -> Path:
 
     recipe = configure("support-bot")
     return build_dataset(ingest(recipe.kb_path), [*recipe.data.generators, "general"], load_tokenizer(base),
-                         recipe.system_prompt, out, train_phrasings=recipe.data.train_phrasings).path
+                         recipe.system_prompt, out, train_phrasings=recipe.data.train_phrasings,
+                         max_seq_len=max_seq_len).path
 
 
 class TokenCounter:
