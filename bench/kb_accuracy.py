@@ -11,7 +11,7 @@ in a child process (wall time, peak RSS of the process tree), then asks every qu
 when it holds the key fact (agentpeft's accuracy metric) and stays short (at most MAX_WORDS words: it
 answers rather than dumping the knowledge base). Writes bench/results/kb_accuracy_NAME.json.
 
-    python bench/kb_accuracy.py bench/kbs/velora-bikes [--home DIR] [-- extra build options]
+    python bench/kb_accuracy.py bench/kbs/velora-bikes [--home DIR] [--tag T -- extra build options]
 """
 
 from __future__ import annotations
@@ -46,11 +46,13 @@ def main() -> None:
     parser.add_argument("--home", help="AGENTPEFT_HOME (default: the environment's)")
     parser.add_argument("--recipe", default="support-bot")
     parser.add_argument("--skip-build", action="store_true", help="score the model already registered")
+    parser.add_argument("--tag", default="", help="suffix of the model name and result file (a variant's run)")
     parser.add_argument("extra", nargs="*", help="more build options, after --")
     args = parser.parse_args()
     if args.home:
         os.environ["AGENTPEFT_HOME"] = str(Path(args.home).resolve())
-    name = f"kb-{args.kb.resolve().name}"
+    stem = args.kb.resolve().name + (f"-{args.tag}" if args.tag else "")
+    name = f"kb-{stem}"
     questions = [json.loads(line) for line in (args.kb / "questions.jsonl").read_text().splitlines() if line.strip()]
     result: dict = {"kb": str(args.kb), "questions": len(questions), "recipe": args.recipe, "extra": args.extra,
                     "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}}
@@ -81,7 +83,7 @@ def main() -> None:
         examples=[{"question": q["question"], "key": q["key"], "tuned": t, "base": b}
                   for q, t, b in zip(questions, tuned_replies, base_replies)])
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"kb_accuracy_{args.kb.resolve().name}.json"
+    out = RESULTS / f"kb_accuracy_{stem}.json"
     out.write_text(json.dumps(result, indent=2, ensure_ascii=False))
     f = m.get("forgetting") or {}
     print(f"{name}: through load_llm {tuned:.1%} (base {base_plain:.1%}"

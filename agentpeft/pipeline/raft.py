@@ -38,11 +38,10 @@ class RaftData:
         return text
 
 
-def training_passages(index: BM25Index, question: str, k: int, distractors: int, rng: random.Random) -> list[Document]:
-    """``k`` passages for a training question: its top ``k - distractors`` plus unrelated ones, shuffled."""
-    found = retrieve(index, question, max(k - distractors, 1))
-    others = [d for d in index.documents if all(d is not f for f in found)]
-    found += rng.sample(others, min(k - len(found), len(others)))
+def training_passages(index: BM25Index, top: list[Document], k: int, rng: random.Random) -> list[Document]:
+    """``k`` passages for a training question: its ``top`` retrieved ones filled up with unrelated ones, shuffled."""
+    others = [d for d in index.documents if all(d is not f for f in top)]
+    found = [*top, *rng.sample(others, min(k - len(top), len(others)))]
     rng.shuffle(found)
     return found
 
@@ -65,9 +64,10 @@ def augment_dataset(dataset_dir: Path, documents: list[Document], tokenizer, k: 
         if row.get("train_only"):
             rows.append(row)
             continue
-        chosen = training_passages(index, row["question"], k, distractors, rng)
+        top = retrieve(index, row["question"], max(k - distractors, 1))
+        chosen = training_passages(index, top, k, rng)
         offered = len(chosen)
-        relevant = {id(d) for d in retrieve(index, row["question"], max(k - distractors, 1))}
+        relevant = {id(d) for d in top}
         fitted = None
         while chosen:
             prompt = [dict(m) for m in row["prompt"]]
