@@ -6,7 +6,7 @@ weights and in the NF4 4-bit form that QLoRA trains against and merges into: an 
 under quantization noise alone would charge the quantization, not the training, to forgetting.
 It must also answer right in at least 6 of 8 replies sampled at temperature 0.7: a question whose
 right answer wins the greedy choice only narrowly is a coin flip that any change of the weights,
-even a random one, turns over (bench/probe_fragility.py), not a fact the base knew.
+even a random one of the trained adapter's size, turns over, not a fact the base knew.
 Candidates are the hand-written questions in bench/data/probe_candidates*.jsonl; the kept ones are
 written to agentpeft/data/forgetting_probe.jsonl and the figures to bench/results/curate_probe.json.
 

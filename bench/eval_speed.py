@@ -2,7 +2,7 @@
 
 The default base answers the support-bot held-out questions (with the recipe's system prompt, 48 new
 tokens, accuracy and ROUGE-L) and the forgetting probe (32 new tokens, accuracy) three ways, alternately
-for ``--rounds``: ``padded`` (every prompt left-padded whole, session 8's path), ``shared`` (the prompt
+for ``--rounds``: ``padded`` (every prompt left-padded whole), ``shared`` (the prompt
 prefix a batch shares runs once) and, for the probe, ``shared+settled`` (each reply also stops once its
 accuracy is settled: its key followed by more text). Records seconds, figures, and how many replies
 equal the padded ones. Writes ``bench/results/eval_speed.json``.

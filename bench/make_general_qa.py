@@ -3,8 +3,8 @@
 They come from the same pool of questions we wrote for the forgetting probe (bench/data/*.jsonl), minus
 every question the probe kept (bench/curate_probe.py), and minus any question whose key fact is one of the
 probe's or whose text or answer mentions one, so that training on them cannot teach a probe answer. The
-probe before session 6 (bench/data/forgetting_probe_v2_greedy_only.jsonl), which bench/probe_fragility.py
-still asks for comparison, is kept out the same way.
+questions of bench/data/forgetting_probe_v2_greedy_only.jsonl (those that pass the two greedy checks
+without the sampling check) are kept out the same way.
 
     python bench/make_general_qa.py
 """

