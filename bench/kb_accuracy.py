@@ -47,8 +47,8 @@ def main() -> None:
     parser.add_argument("--recipe", default="support-bot")
     parser.add_argument("--skip-build", action="store_true", help="score the model already registered")
     parser.add_argument("--tag", default="", help="suffix of the model name and result file (a variant's run)")
-    parser.add_argument("extra", nargs="*", help="more build options, after --")
-    args = parser.parse_args()
+    args, extra = parser.parse_known_args()
+    args.extra = [a for a in extra if a != "--"]  # more build options, after --
     if args.home:
         os.environ["AGENTPEFT_HOME"] = str(Path(args.home).resolve())
     stem = args.kb.resolve().name + (f"-{args.tag}" if args.tag else "")

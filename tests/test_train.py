@@ -571,3 +571,16 @@ def test_rotate_phrasings_trains_an_epoch_of_one_phrasing_per_fact(tiny_base, tm
     assert epochs_fed == [0, 1]
     with pytest.raises(AgentpeftError, match="rotate_phrasings needs the dataset's fact_id column"):
         train_module.phrasing_rotation(rows.remove_columns("fact_id"))
+
+
+def test_batches_of_long_rows_run_as_micro_batches_with_the_same_batch():
+    from agentpeft.pipeline.train import MICRO_BATCH_TOKENS, micro_batched
+
+    cfg = _cfg(batch_size=8, grad_accum=1)
+    logs: list[str] = []
+    assert micro_batched(cfg, MICRO_BATCH_TOKENS // 8, logs.append) is cfg and not logs  # short rows: unchanged
+    long = micro_batched(cfg, 300, logs.append)
+    assert (long.batch_size, long.grad_accum) == (2, 4) and long.batch_size * 300 <= MICRO_BATCH_TOKENS
+    assert long.batch_size * long.grad_accum == 8 and "4 micro-batches of 2" in logs[0]
+    assert micro_batched(_cfg(batch_size=6, grad_accum=2), 5000).batch_size == 1  # a single row over the budget
+    assert micro_batched(_cfg(batch_size=6, grad_accum=2), 5000).grad_accum == 12
