@@ -88,6 +88,9 @@ class TrainConfig(_Strict):
     rotate_phrasings: bool = Field(False, description=(
         "each epoch trains one phrasing of every fact, the next of its phrasings in turn, and every train-only "
         "pair: an epoch costs one row per fact instead of one per phrasing"))
+    micro_batch_tokens: int = Field(1024, ge=0, description=(
+        "on a CPU, a batch whose rows would hold more tokens than this at the longest row's length runs as "
+        "micro-batches with accumulated gradients (the same batches and loss, less activation memory); 0: off"))
     padding_free: bool = Field(False, description="concatenate a batch into one row with position_ids, no padding")
     share_prefix: bool = Field(True, description=(
         "compute the prompt prefix that rows of a batch share (system prompt, chat template) once per batch"))

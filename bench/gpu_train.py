@@ -98,7 +98,8 @@ def main() -> None:
         # The smoke run's byte-level tokenizer spends a token per character: its pairs need SMALL's whole context.
         length = {"max_seq_len": SMALL["max_position_embeddings"]} if args.small else {}
         data = tt.build_data(base, Path(tmp) / "data", **length)
-        result = tt.benchmark(base, data, steps, rounds, length, evaluate=False,
+        # Whole batches as the baseline runs them (a CPU would split these long rows into micro-batches).
+        result = tt.benchmark(base, data, steps, rounds, {**length, "micro_batch_tokens": 0}, evaluate=False,
                               matmul_size=512 if args.small else 8192)
     result.update(model="random-init " + ("tiny Llama (--small)" if args.small else "Llama-3.2-1B shape"),
                   device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.machine()})",

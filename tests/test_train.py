@@ -574,13 +574,15 @@ def test_rotate_phrasings_trains_an_epoch_of_one_phrasing_per_fact(tiny_base, tm
 
 
 def test_batches_of_long_rows_run_as_micro_batches_with_the_same_batch():
-    from agentpeft.pipeline.train import MICRO_BATCH_TOKENS, micro_batched
+    from agentpeft.pipeline.train import micro_batched
 
     cfg = _cfg(batch_size=8, grad_accum=1)
+    assert cfg.micro_batch_tokens == 1024
     logs: list[str] = []
-    assert micro_batched(cfg, MICRO_BATCH_TOKENS // 8, logs.append) is cfg and not logs  # short rows: unchanged
+    assert micro_batched(cfg, 1024 // 8, logs.append) is cfg and not logs  # short rows: unchanged
     long = micro_batched(cfg, 300, logs.append)
-    assert (long.batch_size, long.grad_accum) == (2, 4) and long.batch_size * 300 <= MICRO_BATCH_TOKENS
+    assert (long.batch_size, long.grad_accum) == (2, 4) and long.batch_size * 300 <= 1024
     assert long.batch_size * long.grad_accum == 8 and "4 micro-batches of 2" in logs[0]
     assert micro_batched(_cfg(batch_size=6, grad_accum=2), 5000).batch_size == 1  # a single row over the budget
     assert micro_batched(_cfg(batch_size=6, grad_accum=2), 5000).grad_accum == 12
+    assert micro_batched(_cfg(micro_batch_tokens=0), 5000).batch_size == 4  # 0: off

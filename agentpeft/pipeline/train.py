@@ -112,7 +112,7 @@ def train(base_dir: Path, dataset_dir: Path, out_dir: Path, cfg: TrainConfig, re
     trainable, total = model.get_nb_trainable_parameters()
     log(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
 
-    if "n_tokens" in train_set.column_names:
+    if "n_tokens" in train_set.column_names and not cuda:  # a GPU holds a batch of long rows easily
         cfg = micro_batched(cfg, max(train_set["n_tokens"]), log)
     rotation = phrasing_rotation(train_set) if cfg.rotate_phrasings else None
     rows_per_epoch = len(train_set)
@@ -214,19 +214,14 @@ EAGER_MAX_TOKENS = 384
 PACK_MAX_TOKENS = 1024
 
 
-#: Most tokens one micro-batch may hold; a batch of longer rows is split into micro-batches whose gradients
-#: accumulate (``micro_batched``), so activation memory stays that of a batch of short rows.
-MICRO_BATCH_TOKENS = 1024
-
-
 def micro_batched(cfg: TrainConfig, longest: int, log=print) -> TrainConfig:
-    """``cfg`` with each batch of ``batch_size`` rows split into micro-batches of at most ``MICRO_BATCH_TOKENS``
+    """``cfg`` with each batch of ``batch_size`` rows split into micro-batches of at most ``cfg.micro_batch_tokens``
     tokens at the longest row's length, their gradients accumulated: the same batches and the same loss (the
     answer tokens of the whole batch weigh equally), with the activation memory of a shorter batch."""
-    size = cfg.batch_size
-    if size * longest <= MICRO_BATCH_TOKENS or size == 1:
+    size, budget = cfg.batch_size, cfg.micro_batch_tokens
+    if not budget or size * longest <= budget or size == 1:
         return cfg
-    micro = max([d for d in range(1, size + 1) if size % d == 0 and d * longest <= MICRO_BATCH_TOKENS] or [1])
+    micro = max([d for d in range(1, size + 1) if size % d == 0 and d * longest <= budget] or [1])
     log(f"rows of up to {longest} tokens: batches of {size} run as {size // micro} micro-batches of {micro}, "
         "gradients accumulated")
     return cfg.model_copy(update={"batch_size": micro, "grad_accum": cfg.grad_accum * (size // micro)})
