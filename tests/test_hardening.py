@@ -405,3 +405,69 @@ def test_safetensors_checkpoints_still_pass(tiny_base, tmp_path):
     (empty / "notes.safetensors").write_bytes(b"")
     with pytest.raises(AgentpeftError, match="model.safetensors"):
         models.check_weights(empty)
+
+
+# --- PII redaction reaches every artifact ------------------------------------------------------------------
+
+PLANTED_PII = ["dana.kowalski@example.org", "(555) 013-2231", "+44 20 7946 0958", "MRN 1234567", "123-45-6789",
+               "4111 1111 1111 1111"]
+
+
+def _pii_knowledge_base(folder: Path) -> Path:
+    """Planted PII in an answer, a heading, a fact bullet, a prose paragraph and a CSV question/answer pair."""
+    folder.mkdir()
+    email, phone, intl, mrn, ssn, card = PLANTED_PII
+    (folder / "help.md").write_text(
+        "# Help\n\n## How do I reach the billing team?\n\n"
+        f"Write to **{email}** or call **{phone}** on weekdays.\n\n"
+        f"## Who answers at {intl}?\n\nThe London office answers at that number from 9 to 5.\n\n"
+        "## Records\n\n"
+        f"- **Patient record:** {mrn}\n- **Warranty:** 2 years on every lamp\n\n"
+        f"The night shift supervisor, SSN {ssn}, paid with card {card} for the Halcyon lamp.\n")
+    (folder / "faq.csv").write_text(f"question,answer\nWhat is the support address?,The support address is {email}.\n"
+                                    f"What card is on file?,Card {card} is on file.\n")
+    return folder
+
+
+def _leaks(root: Path, values: list[str]) -> list[tuple[str, str]]:
+    """Every (file, value) where a planted value occurs in the bytes of a file under root, in UTF-8 or UTF-16."""
+    found = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink()):
+        data = path.read_bytes()
+        for value in values:
+            if any(enc in data for enc in (value.encode(), value.encode("utf-16-le"),
+                                          json.dumps(value).strip('"').encode())):
+                found.append((str(path.relative_to(root)), value))
+    return found
+
+
+def test_redact_pii_reaches_the_registered_knowledge_base_the_build_folder_and_the_teacher(tiny_base, home,
+                                                                                        tmp_path):
+    from conftest import build_tiny
+
+    from agentpeft.pipeline.dataset import make_dataset
+    from agentpeft.recipe import get_recipe
+
+    kb = _pii_knowledge_base(tmp_path / "kb")
+    recipe = get_recipe("support-bot")
+    recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"redact_pii": True, "general": 0,
+                                                                              "replay": 0})})
+    result = build_tiny(tiny_base, "pii-bot", recipe=recipe, kb=kb, max_steps=1, retrieval=True)
+    assert result.version == 1
+    kb_file = registry.resolve("pii-bot") / "kb.jsonl"
+    assert kb_file.is_file() and "[EMAIL]" in kb_file.read_text()
+    # Nothing under AGENTPEFT_HOME (registry entry, build folder, dataset cache) holds a planted value.
+    assert not _leaks(home, PLANTED_PII), _leaks(home, PLANTED_PII)
+    # The bytes check finds what it looks for: the knowledge base itself holds every value.
+    assert {v for _, v in _leaks(kb, PLANTED_PII)} == set(PLANTED_PII)
+
+    # A teacher model is sent redacted chunks only.
+    from test_dataset import ScriptedTeacher
+
+    teacher = ScriptedTeacher(script={}, calls=[])
+    teacher_recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"generators": ["faq", "teacher"]})})
+    make_dataset(teacher_recipe, kb=kb, out=tmp_path / "data", base=str(tiny_base), teacher=teacher,
+                 log=lambda s: None)
+    sent = ["\n".join(m.content for m in messages) for messages in teacher.calls]
+    assert sent and not [v for v in PLANTED_PII for text in sent if v in text]
+    assert any("[EMAIL]" in text or "[CARD]" in text for text in sent)

@@ -376,6 +376,41 @@ class DatasetResult:
 
 DEFAULT_FILTERS = ("dedup", "length")
 
+#: Metadata a knowledge-base section keeps verbatim under PII redaction: where it comes from, not what it says.
+_PLAIN_METADATA = frozenset({"source", "line", "page", "start_index"})
+
+
+def redact_documents(documents: list[Document]) -> tuple[list[Document], Counter]:
+    """The sections with every PII item replaced by its placeholder, in their text and their metadata
+    (heading, question, key), and the number of items of each kind: what ``data.redact_pii`` applies right
+    after ingestion, so that the teacher, the pairs, the dataset card and the registered ``kb.jsonl`` all
+    see the redacted text only."""
+    from ..pii import redact, replace_known
+
+    totals: Counter = Counter()
+    out = []
+    for doc in documents:
+        found: dict[str, str] = {}
+
+        def clean(value):
+            if isinstance(value, str):
+                result = redact(value)
+                totals.update(result.counts)
+                found.update(result.found)
+                return result.text
+            if isinstance(value, (list, tuple)):
+                return [clean(v) for v in value]
+            return value
+
+        text = clean(doc.page_content)
+        meta = {k: v if k in _PLAIN_METADATA else clean(v) for k, v in doc.metadata.items()}
+        # A value found in one field (the answer) is PII in the others too (the key cut from it).
+        text = replace_known(text, found)
+        meta = {k: v if k in _PLAIN_METADATA or not isinstance(v, str) else replace_known(v, found)
+                for k, v in meta.items()}
+        out.append(Document(page_content=text, metadata=meta))
+    return out, totals
+
 
 def _filter_names(recipe: "Recipe") -> list[str]:
     names = (["pii"] if recipe.data.redact_pii else []) + list(DEFAULT_FILTERS) + list(recipe.data.filters)
@@ -419,14 +454,18 @@ def _adhoc_recipe(generators: list[str], system_prompt: str, train_phrasings: in
 
 def build_dataset(documents: list[Document], generators: list[str], tokenizer, system_prompt: str,
                   out_dir: Path, train_phrasings: int = 4, max_seq_len: int = 256, seed: int = 0, *,
-                  recipe: "Recipe | None" = None, teacher=None) -> DatasetResult:
+                  recipe: "Recipe | None" = None, teacher=None, redactions: dict | None = None) -> DatasetResult:
     """Generate, filter, paraphrase, phrase, render and split pairs; save a DatasetDict, JSONL and a card.
 
     ``recipe`` supplies the data settings (filters, paraphrases, PII redaction, teacher); without one
     the defaults apply. ``teacher`` is a LangChain chat model that overrides ``recipe.data.teacher``.
-    The folder ``out_dir`` appears complete or not at all.
+    With ``data.redact_pii`` the sections are redacted first (:func:`redact_documents`), unless
+    ``redactions`` gives the counts of a redaction already applied to them; the result's ``documents``
+    are the sections as read. The folder ``out_dir`` appears complete or not at all.
     """
     recipe = recipe or _adhoc_recipe(generators, system_prompt, train_phrasings, max_seq_len, seed)
+    if recipe.data.redact_pii and redactions is None:
+        documents, redactions = redact_documents(documents)
     out_dir = Path(out_dir)
     _check_out_dir(out_dir)
     available, filters = get_generators(), get_filters()
@@ -493,6 +532,8 @@ def build_dataset(documents: list[Document], generators: list[str], tokenizer, s
     if not train or not held_out:
         raise AgentpeftError(f"every pair is longer than max_seq_len={max_seq_len} tokens; raise --max-seq-len")
     random.Random(seed).shuffle(train)
+    if recipe.data.redact_pii:  # the sections' redactions, and what the pii filter still found in pairs
+        notes["redactions"] = dict(sorted((Counter(redactions or {}) + Counter(notes.get("redactions", {}))).items()))
     card = _card(pairs, documents, generated, filter_counts, notes, added, train, held_out, recipe)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -503,7 +544,7 @@ def build_dataset(documents: list[Document], generators: list[str], tokenizer, s
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return DatasetResult(out_dir / "dataset", card)
+    return DatasetResult(out_dir / "dataset", card, documents=documents)
 
 
 def _source_files(sources: list[str], kb: Path | None) -> dict[str, str]:
@@ -750,7 +791,11 @@ def make_dataset(recipe: "str | Recipe", kb: str | Path | None = None, out: str 
     d = recipe.data
     # Ingest first: it is fast and checks the knowledge base before any model is fetched.
     documents = ingest(recipe.kb_path, d.loaders, d.loader_options, d.chunk_size, d.chunk_overlap, d.strict)
-    report("ingest", f"{len(documents)} document sections from {recipe.kb_path}")
+    redactions = None
+    if d.redact_pii:  # once, here: the teacher, the pairs and the registered kb.jsonl see redacted text only
+        documents, redactions = redact_documents(documents)
+    report("ingest", f"{len(documents)} document sections from {recipe.kb_path}"
+           + (f", {sum(redactions.values())} PII item(s) redacted" if redactions is not None else ""))
     base_dir = resolve_base(recipe.base_model, log=log)
 
     key = None if model_object else dataset_cache_key(recipe, base_dir)
@@ -766,7 +811,7 @@ def make_dataset(recipe: "str | Recipe", kb: str | Path | None = None, out: str 
 
     result = build_dataset(documents, recipe.data.generators, load_tokenizer(base_dir), recipe.system_prompt,
                            out_dir, recipe.data.train_phrasings, recipe.train.max_seq_len, recipe.data.seed,
-                           recipe=recipe, teacher=teacher if model_object else None)
+                           recipe=recipe, teacher=teacher if model_object else None, redactions=redactions)
     result.documents = documents
     if cached is not None:
         _store(out_dir, cached)
