@@ -1,9 +1,11 @@
 """agentpeft: turn a knowledge base into a specialized, evaluated, fine-tuned LLM for LangChain agents.
 
-The Python API has the CLI's verbs; they are imported on first use, so ``import agentpeft`` stays light.
+The Python API has the CLI's verbs, and the plugin API what a plugin needs (``hookimpl`` and the
+types its hooks register). Both are imported on first use, so ``import agentpeft`` stays light.
 """
 
 from importlib import import_module
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
@@ -24,7 +26,31 @@ _API = {
     "get_tools": "agentpeft.langchain",
     "create_agent": "agentpeft.langchain",
 }
+
+#: The plugin API: ``from agentpeft import hookimpl, Loader, Pair, ...`` (see docs/plugins.md).
+PLUGIN_API = {
+    "hookimpl": "agentpeft.hookspecs",
+    "Recipe": "agentpeft.recipe",
+    "Loader": "agentpeft.pipeline.ingest",
+    "SkipFile": "agentpeft.pipeline.ingest",
+    "Pair": "agentpeft.pipeline.dataset",
+    "Generator": "agentpeft.pipeline.dataset",
+    "Filter": "agentpeft.pipeline.dataset",
+    "key_fact": "agentpeft.pipeline.dataset",
+    "note": "agentpeft.pipeline.dataset",
+    "Metric": "agentpeft.pipeline.evaluate",
+    "AgentpeftError": "agentpeft.errors",
+}
+_API.update(PLUGIN_API)
 __all__ = ["__version__", "plan", *_API]
+
+if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
+    from .errors import AgentpeftError
+    from .hookspecs import hookimpl
+    from .pipeline.dataset import Filter, Generator, Pair, key_fact, note
+    from .pipeline.evaluate import Metric
+    from .pipeline.ingest import Loader, SkipFile
+    from .recipe import Recipe
 
 # Bound eagerly (the module is light): importing the submodule agentpeft.plan later would otherwise
 # shadow the lazily looked-up verb with the module object.
@@ -36,3 +62,7 @@ def __getattr__(name: str):
         module, _, attr = _API[name].partition(":")
         return getattr(import_module(module), attr or name)
     raise AttributeError(f"module 'agentpeft' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_API})

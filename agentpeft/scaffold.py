@@ -46,13 +46,14 @@ MODULE = Template('''\
 
 from pathlib import Path
 
-from agentpeft.hookspecs import hookimpl
+from agentpeft import hookimpl
 
 RECIPE = Path(__file__).parent / "recipe.yaml"
 
 
 @hookimpl
-def register_recipes(register):
+def register_recipes(register) -> None:
+    """Register the $name recipe file."""
     register(RECIPE)
 ''')
 
@@ -144,7 +145,7 @@ TEST = Template('''\
 from pathlib import Path
 
 import agentpeft
-from agentpeft.recipe import Recipe
+from agentpeft import Recipe
 from agentpeft.testing import make_tiny_base
 
 import $module as plugin

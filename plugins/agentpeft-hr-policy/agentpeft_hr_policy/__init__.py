@@ -2,11 +2,12 @@
 
 from pathlib import Path
 
-from agentpeft.hookspecs import hookimpl
+from agentpeft import hookimpl
 
 RECIPE = Path(__file__).parent / "recipe.yaml"
 
 
 @hookimpl
-def register_recipes(register):
+def register_recipes(register) -> None:
+    """Register the hr-policy recipe file."""
     register(RECIPE)

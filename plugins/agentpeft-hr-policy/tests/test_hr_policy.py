@@ -3,7 +3,7 @@
 import agentpeft
 from agentpeft.default_plugins.loaders import load_markdown
 from agentpeft.pipeline.dataset import get_generators
-from agentpeft.recipe import Recipe
+from agentpeft import Recipe
 from agentpeft.testing import make_tiny_base
 
 import agentpeft_hr_policy as plugin

@@ -1,7 +1,6 @@
 """Example plugin: ``length_ratio``, reply length over reference length (1.0 = same length)."""
 
-from agentpeft.hookspecs import hookimpl
-from agentpeft.pipeline.evaluate import Metric
+from agentpeft import Metric, hookimpl
 
 
 def length_ratio(predictions: list[str], references: list[dict]) -> float:
@@ -11,5 +10,6 @@ def length_ratio(predictions: list[str], references: list[dict]) -> float:
 
 
 @hookimpl
-def register_metrics(register):
+def register_metrics(register) -> None:
+    """Register the length_ratio metric (lower is better: 1.0 is the reference's length)."""
     register(Metric("length_ratio", length_ratio, higher_is_better=False))
