@@ -33,11 +33,11 @@ PLUGIN_API = {
     "Recipe": "agentpeft.recipe",
     "Loader": "agentpeft.pipeline.ingest",
     "SkipFile": "agentpeft.pipeline.ingest",
-    "Pair": "agentpeft.pipeline.dataset",
-    "Generator": "agentpeft.pipeline.dataset",
-    "Filter": "agentpeft.pipeline.dataset",
-    "key_fact": "agentpeft.pipeline.dataset",
-    "note": "agentpeft.pipeline.dataset",
+    "Pair": "agentpeft.pairs",
+    "Generator": "agentpeft.pairs",
+    "Filter": "agentpeft.pairs",
+    "key_fact": "agentpeft.pairs",
+    "note": "agentpeft.pairs",
     "Metric": "agentpeft.pipeline.evaluate",
     "AgentpeftError": "agentpeft.errors",
 }
@@ -47,7 +47,7 @@ __all__ = ["__version__", "plan", *_API]
 if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
     from .errors import AgentpeftError
     from .hookspecs import hookimpl
-    from .pipeline.dataset import Filter, Generator, Pair, key_fact, note
+    from .pairs import Filter, Generator, Pair, key_fact, note
     from .pipeline.evaluate import Metric
     from .pipeline.ingest import Loader, SkipFile
     from .recipe import Recipe

@@ -15,7 +15,7 @@ from langchain_core.documents import Document
 from langchain_core.messages import HumanMessage, SystemMessage
 
 from .errors import AgentpeftError
-from .pipeline.dataset import Pair, key_fact, note
+from .pairs import Pair, key_fact, note
 from .progress import bar
 
 PAIRS_PER_CHUNK = 3

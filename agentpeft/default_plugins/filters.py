@@ -11,8 +11,8 @@ from dataclasses import replace
 
 from ..hookspecs import hookimpl
 from ..pii import redact, replace_known
-from ..pipeline.dataset import (EVAL_WRAPPERS, TRAIN_WRAPPERS, Filter, Pair, context_window, count_tokens, key_fact,
-                                note, stage_tokenizer)
+from ..pairs import Filter, Pair, key_fact, note, stage_tokenizer
+from ..pipeline.dataset import EVAL_WRAPPERS, TRAIN_WRAPPERS, context_window, count_tokens
 
 NUM_PERM = 128
 #: Examples of dropped pairs the dataset card shows per reason.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from ..hookspecs import hookimpl
-from ..pipeline.dataset import Generator, Pair, key_fact
+from ..pairs import Generator, Pair, key_fact
 
 _BOLD = re.compile(r"\*\*(.+?)\*\*")
 _FACT = re.compile(r"^\s*[-*]\s+\*\*(.+?):\*\*\s*(.+?)\s*$")

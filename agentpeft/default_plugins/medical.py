@@ -10,7 +10,7 @@ from dataclasses import replace
 from pydantic import BaseModel, Field
 
 from ..hookspecs import hookimpl
-from ..pipeline.dataset import Generator, Pair
+from ..pairs import Generator, Pair
 from ..pipeline.evaluate import Metric
 
 SAFETY_NOTE = "This is general information, not medical advice; ask a clinician about your situation."
@@ -162,7 +162,7 @@ def register_metrics(register):
 
 @hookimpl
 def register_filters(register):
-    from ..pipeline.dataset import Filter
+    from ..pairs import Filter
 
     register(Filter("safety_note", add_safety_notes))
 

@@ -6,7 +6,6 @@ held-out split -> chat-template rendering -> DatasetDict + JSONL + dataset card,
 
 from __future__ import annotations
 
-import contextvars
 import hashlib
 import inspect
 import json
@@ -24,44 +23,12 @@ from langchain_core.documents import Document
 
 from ..errors import AgentpeftError
 from ..models import chat_prompt, file_sha256
+from ..pairs import Filter, Generator, Pair, _stage, _Stage, key_fact, note, stage_tokenizer  # noqa: F401
 from ..plugins import collect
 from ..progress import bar
 
 if TYPE_CHECKING:
     from ..recipe import Recipe
-
-
-@dataclass
-class Pair:
-    """One fact as a question/answer pair; ``key`` is the short fact the answer must contain."""
-
-    question: str
-    answer: str
-    key: str | None = None
-    source: str = ""
-    generator: str = ""
-    #: Other phrasings of the question that the generator knows (they keep the meaning exactly).
-    paraphrases: list[str] = field(default_factory=list)
-    #: False for train-only pairs (general replay data): trained as they are, never held out.
-    held_out: bool = True
-    #: False: trained as a plain chat, without the recipe's system prompt.
-    system: bool = True
-
-
-@dataclass(frozen=True)
-class Generator:
-    """Turns Documents into Pairs: ``generate(documents)`` or ``generate(documents, recipe)``."""
-
-    name: str
-    generate: Callable[..., Iterable[Pair]]
-
-
-@dataclass(frozen=True)
-class Filter:
-    """Keeps, drops or rewrites pairs: ``apply(pairs, recipe) -> pairs``."""
-
-    name: str
-    apply: Callable[[list[Pair], "Recipe"], list[Pair]]
 
 
 def get_generators() -> dict[str, Generator]:
@@ -72,35 +39,6 @@ def get_generators() -> dict[str, Generator]:
 def get_filters() -> dict[str, Filter]:
     """Every registered filter by name."""
     return {f.name: f for f in collect("register_filters")}
-
-
-# --- what a running stage shares with its generators and filters -------------------------------
-
-@dataclass
-class _Stage:
-    tokenizer: Any = None
-    teacher: Any = None
-    notes: dict = field(default_factory=dict)
-
-
-_stage: contextvars.ContextVar[_Stage | None] = contextvars.ContextVar("agentpeft_dataset_stage", default=None)
-
-
-def note(key: str, value: Any) -> None:
-    """Record a figure for the dataset card (a filter's redaction counts, the teacher's drop counts)."""
-    stage = _stage.get()
-    if stage is not None:
-        stage.notes[key] = value
-
-
-def stage_tokenizer(recipe: "Recipe"):
-    """The base model's tokenizer: the running stage's, else loaded from ``recipe.base_model``."""
-    stage = _stage.get()
-    if stage is not None and stage.tokenizer is not None:
-        return stage.tokenizer
-    from ..models import load_tokenizer, resolve_base
-
-    return load_tokenizer(resolve_base(recipe.base_model))
 
 
 def teacher_model(recipe: "Recipe"):
@@ -134,22 +72,6 @@ def count_tokens(tokenizer, system_prompt: str | None, question: str, answer: st
     messages = [*chat_prompt(system_prompt, question), {"role": "assistant", "content": answer}]
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     return text, len(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-_FIGURE = re.compile(
-    r"[$€£]?\d[\d,.:/-]*\d(?:\s?(?:%|(?:years?|months?|weeks?|days?|hours?|minutes?|seconds?|kg|g|lb|cm|mm|m|"
-    r"W|V|lumens|lm|K|GB|MB|mAh)\b))?|[$€£]?\d(?:\s?(?:%|(?:years?|months?|weeks?|days?|hours?|minutes?|"
-    r"seconds?|kg|g|lb|cm|mm|m|W|V|lumens|lm|K|GB|MB)\b))?"
-)
-
-
-def key_fact(text: str, fallback_words: int = 6) -> str:
-    """The salient short fact of an answer: its first figure (price, date, quantity), else its first words."""
-    match = _FIGURE.search(text)
-    if match:
-        return match.group(0).rstrip(".,")
-    words = text.split()[:fallback_words]
-    return " ".join(words).rstrip(".,;:!?")
 
 
 # --- phrasing and the held-out split ------------------------------------------------------------
