@@ -3,6 +3,7 @@ the prompt of retrieval-augmented mode, shared by training, evaluation, ``load_l
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -21,14 +22,23 @@ STOPWORDS = frozenset(
     "might must not no yes if then than so as about into over under again there here any all each every some "
     "such only own same too very just also get got please tell know want need like hi hello hey thanks thank "
     "one s t".split())
-#: Longest passage, in characters: a section is cut into passages of whole sentences up to this length.
-PASSAGE_CHARS = 300
+#: Longest passage, in characters: a section is cut into passages of whole sentences up to this length
+#: (about 110 tokens: two passages and a question fit retrieval.max_seq_len).
+PASSAGE_CHARS = 500
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n\s*\n|\n(?=\s*(?:[-*+]|\d+[.)])\s)")
 
 
+@functools.lru_cache(maxsize=1)
+def _stemmer():
+    import snowballstemmer
+
+    return snowballstemmer.stemmer("english")
+
+
 def tokenize(text: str) -> list[str]:
-    """Lower-case alphanumeric words without stopwords: the BM25 terms."""
-    return [w for w in _WORD.findall(text.lower()) if w not in STOPWORDS]
+    """The BM25 terms: lower-case alphanumeric words without stopwords, Snowball-stemmed so that a question's
+    "cancelling" or "desks" finds a page's "cancel" and "desk"."""
+    return _stemmer().stemWords([w for w in _WORD.findall(text.lower()) if w not in STOPWORDS])
 
 
 def passages(documents: list[Document], max_chars: int = PASSAGE_CHARS) -> list[Document]:

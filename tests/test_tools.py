@@ -323,7 +323,7 @@ def test_raft_build_trains_and_evaluates_with_passages(tiny_base, home):
     from conftest import build_tiny
 
     recipe = get_recipe("support-bot")
-    recipe = recipe.model_copy(update={"retrieval": RetrievalConfig(enabled=True, k=3, distractors=1)})
+    recipe = recipe.model_copy(update={"retrieval": RetrievalConfig(enabled=True, k=3, distractors=1, max_seq_len=1024)})
     result = build_tiny(tiny_base, "raft-bot", recipe=recipe, max_steps=1)
     train = list(load_from_disk(str(result.build_dir / "data" / "dataset-raft"))["train"])
     knowledge = [r for r in train if not r["train_only"]]
@@ -343,3 +343,16 @@ def test_raft_build_trains_and_evaluates_with_passages(tiny_base, home):
     # At inference the specialist's prompt gets the top passages too.
     prompt = load_llm("raft-bot")._to_chat_prompt([HumanMessage("How long does a refund take?")])
     assert "Passages:\n[1] " in prompt and "9 business days" in prompt
+
+
+def test_retrieval_matches_inflected_words():
+    from langchain_core.documents import Document
+
+    from agentpeft.retrieval import BM25Index, retrieve
+
+    index = BM25Index([Document("To cancel, use the form in the member portal."),
+                       Document("Dedicated desks come with a lockable pedestal."),
+                       Document("The printer is on the second floor.")])
+    assert "cancel" in retrieve(index, "How does cancelling work?", 1)[0].page_content
+    assert "Dedicated" in retrieve(index, "Is there a desk with a lock?", 1)[0].page_content
+    assert retrieve(index, "What about printing?", 1)[0].page_content.startswith("The printer")
