@@ -141,15 +141,18 @@ def recipe_run_options(command):
 @click.option("--allow-regression", is_flag=True, help="Register even if the tuned model does not beat the base.")
 @click.option("--judge", help=JUDGE_HELP)
 @click.option("--eval-limit", type=click.IntRange(min=1), help="Evaluate a seeded sample of at most N held-out questions.")
+@click.option("--merge-dtype", type=click.Choice(["bf16", "fp16", "fp32"]),
+              help="How merged/ stores the merged weights (default: the recipe's merge.dtype, bf16); the merge and "
+                   "its check are computed in fp32.")
 def build(recipe, kb, name, base, system_prompt, retrieval, resume, allow_regression, quiet, judge, eval_limit,
-          allow_pickle, **train):
+          merge_dtype, allow_pickle, **train):
     """Build RECIPE end to end: ingest, dataset, train, evaluate, merge, register."""
     from .pipeline.build import build as run_build
 
     result = run_build(recipe, kb=kb, name=name, base=base, allow_regression=allow_regression, resume=resume,
                        show_progress=not quiet, log=click.echo, judge=judge, eval_limit=eval_limit,
                        allow_pickle=allow_pickle, data_mix=_data_mix(train), system_prompt=system_prompt,
-                       retrieval=_RETRIEVAL[retrieval], **_train_overrides(train))
+                       retrieval=_RETRIEVAL[retrieval], merge_dtype=merge_dtype, **_train_overrides(train))
     click.echo("\n" + result.eval.table())
     if result.version is None:
         sys.exit(2)
@@ -333,11 +336,17 @@ def rm(ref, yes):
 @cli.command()
 @click.argument("ref")
 @click.argument("directory", type=click.Path(file_okay=False))
-def export(ref, directory):
-    """Copy a registered model version (REF: NAME or NAME@VERSION) into DIRECTORY."""
+@click.option("--format", "fmt", default="hf", show_default=True, metavar="[hf|gguf|ollama]",
+              help="hf: the registry version's files as they are (transformers, peft); gguf: the merged model as "
+                   "model.gguf for llama.cpp, with the adapter alone (vLLM --lora-modules); ollama: the GGUF and a "
+                   "Modelfile for `ollama create`.")
+@click.option("--quant", metavar="[f16|bf16|q8_0|f32]",
+              help="gguf and ollama: the tensor type of the 2-D weights (default f16; norms stay f32).")
+def export(ref, directory, fmt, quant):
+    """Export a registered model version (REF: NAME or NAME@VERSION) into the new or empty folder DIRECTORY."""
     from .registry import export as export_entry
 
-    click.echo(f"exported {ref} to {export_entry(ref, directory)}")
+    click.echo(f"exported {ref} ({fmt}) to {export_entry(ref, directory, format=fmt, quant=quant)}")
 
 
 @cli.command()

@@ -139,6 +139,14 @@ class RetrievalConfig(_Strict):
         "longest training row with its passages, in tokens (train.max_seq_len where that is longer)"))
 
 
+class MergeConfig(_Strict):
+    """How the merged checkpoint (merged/) is stored."""
+
+    dtype: Literal["bf16", "fp16", "fp32"] = Field("bf16", description=(
+        "the merged weights' dtype in merged/: bf16 (half the size of fp32, the range of fp32), fp16, or fp32; "
+        "the merge and its check are computed in fp32 either way"))
+
+
 class Recipe(_Strict):
     """A recipe: knowledge base, data mix, PEFT setup and metrics, as data."""
 
@@ -155,6 +163,7 @@ class Recipe(_Strict):
     eval: EvalConfig = EvalConfig()
     tools: list[str] = Field([], description="tools the registered model gets (kb_search, create_ticket, ...)")
     retrieval: RetrievalConfig = RetrievalConfig()
+    merge: MergeConfig = MergeConfig()
     #: Folder of the recipe file; a relative knowledge_base resolves against it.
     root: Path | None = Field(None, exclude=True)
 
@@ -224,10 +233,11 @@ def get_recipe(name: str) -> Recipe:
 
 def configure(recipe: str | Recipe, kb: str | Path | None = None, base: str | None = None,
               strict: bool | None = None, data_mix: dict | None = None, system_prompt: str | None = None,
-              retrieval: bool | str | None = None, **train_overrides) -> Recipe:
+              retrieval: bool | str | None = None, merge_dtype: str | None = None, **train_overrides) -> Recipe:
     """The recipe with command-line overrides applied (``train_overrides`` are TrainConfig fields,
     ``data_mix`` DataConfig fields such as ``general`` and ``train_phrasings``; ``strict`` fails on
-    unreadable knowledge-base files instead of skipping them; ``retrieval`` is True, False or "auto").
+    unreadable knowledge-base files instead of skipping them; ``retrieval`` is True, False or "auto";
+    ``merge_dtype`` is how merged/ stores its weights: bf16, fp16 or fp32).
     ``None`` values leave the recipe's own.
 
     A ``kb`` other than the recipe's own knowledge base takes ``kb_system_prompt`` as the system prompt,
@@ -253,11 +263,14 @@ def configure(recipe: str | Recipe, kb: str | Path | None = None, base: str | No
         update["retrieval"] = _overridden(recipe.retrieval, {"enabled": retrieval})
     if base is not None:
         update["base_model"] = base
+    if merge_dtype is not None:
+        update["merge"] = _overridden(recipe.merge, {"dtype": merge_dtype}, option="--merge-dtype")
     return recipe.model_copy(update=update)
 
 
-def _overridden(config: BaseModel, overrides: dict) -> BaseModel:
-    """``config`` with the non-None ``overrides`` applied and validated; an invalid one names its option."""
+def _overridden(config: BaseModel, overrides: dict, option: str | None = None) -> BaseModel:
+    """``config`` with the non-None ``overrides`` applied and validated; an invalid one names its option
+    (``option``, or the field's name as an option)."""
     over = {k: v for k, v in overrides.items() if v is not None}
     if not over:
         return config
@@ -265,4 +278,4 @@ def _overridden(config: BaseModel, overrides: dict) -> BaseModel:
         return type(config)(**{**config.model_dump(), **over})
     except ValidationError as exc:
         first = exc.errors()[0]
-        raise AgentpeftError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
+        raise AgentpeftError(f"{option or '--' + str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None

@@ -174,13 +174,21 @@ def remove(ref: str) -> list[Path]:
     return targets
 
 
-def export(ref: str, directory: str | Path) -> Path:
-    """Copy a version's folder (manifest, card, adapter, merged weights) to ``directory``.
+def export(ref: str, directory: str | Path, format: str = "hf", quant: str | None = None) -> Path:
+    """Export a registered version (``NAME`` or ``NAME@VERSION``) into the new or empty folder ``directory``.
+
+    ``format``: ``hf`` copies the version's folder (manifest, card, adapter, merged weights); ``gguf``
+    writes the merged model as ``model.gguf`` for llama.cpp (2-D weights in ``quant``: f16 by default,
+    bf16, q8_0 or f32), beside the adapter alone, the manifest and the card; ``ollama`` adds a
+    ``Modelfile`` for ``ollama create``.
 
     The target must lie outside the registry (a copy there would pose as a version) and outside the
-    version itself (the copy would recurse). The copy is made beside the target and renamed into place,
-    so a failed export leaves no half-copied folder.
+    version itself (the copy would recurse). The export is written beside the target and renamed into
+    place, so a failed export leaves no half-written folder.
     """
+    from .gguf_export import check_options, write_package
+
+    quant = check_options(format, quant)
     source = resolve(ref)
     target = Path(directory)
     where, inside = target.resolve(), lambda folder: where == folder or folder in where.parents
@@ -206,7 +214,10 @@ def export(ref: str, directory: str | Path) -> Path:
             raise
 
     try:
-        shutil.copytree(source, aside / "copy", copy_function=copy)
+        if format == "hf":
+            shutil.copytree(source, aside / "copy", copy_function=copy)
+        else:
+            write_package(source, _read_manifest(source), aside / "copy", format, quant)
         os.rename(aside / "copy", target)  # replaces an empty target folder
     except shutil.Error:
         # copytree goes on past a failed file and raises a list of them; the first, a plain OSError,
@@ -336,9 +347,15 @@ def model_card(m: dict) -> str:
     hp = "\n".join(f"- {k}: {v}" for k, v in trained.get("config", {}).items())
     if trained.get("precision"):
         hp += f"\n- trained with {trained['precision']} on {trained.get('device') or 'unknown hardware'}"
-    merged_line = (f"- `merged/`: the adapter merged into the base (safetensors, fp32); max logit difference "
-                   f"to the unmerged adapter {m['merge']['max_logit_diff']:.2e}." if m.get("merge")
-                   else f"- no `merged/`: a {m['train']['config']['method']} adapter is used as base + adapter.")
+    merged_line = f"- no `merged/`: a {m['train']['config']['method']} adapter is used as base + adapter."
+    if m.get("merge"):
+        dtype = m["merge"].get("dtype", "fp32")  # a manifest without merge.dtype has fp32 weights
+        rounding = (f"; storing it in {dtype} changes the logits by at most {m['merge']['stored_logit_diff']:.2e}"
+                    if dtype != "fp32" and "stored_logit_diff" in m["merge"] else "")
+        merged_line = (f"- `merged/`: the adapter merged into the base in fp32 and stored in {dtype} (safetensors); "
+                       f"max logit difference to the unmerged adapter {m['merge']['max_logit_diff']:.2e}{rounding}."
+                       + (" Its chat template puts the system prompt first when a chat brings none."
+                          if "dtype" in m["merge"] and m.get("system_prompt") else ""))
     return f"""---
 base_model: {m['base_model']['name']}
 library_name: peft

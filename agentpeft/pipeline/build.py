@@ -92,12 +92,14 @@ def build(recipe: str | Recipe, kb: str | Path | None = None, name: str | None =
           base: str | None = None, allow_regression: bool = False, resume: bool = False,
           show_progress: bool = True, log: Callable[[str], None] = print, until: str = "register",
           judge: str | None = None, eval_limit: int | None = None, data_mix: dict | None = None,
-          system_prompt: str | None = None, retrieval: bool | str | None = None, **train_overrides) -> BuildResult:
+          system_prompt: str | None = None, retrieval: bool | str | None = None, merge_dtype: str | None = None,
+          **train_overrides) -> BuildResult:
     """ingest -> dataset -> train -> evaluate -> merge -> register, each stage summarized in one line.
 
     ``train_overrides`` are TrainConfig fields (epochs, max_steps, method, r, lr, ...), ``data_mix``
     DataConfig fields (general, train_phrasings, ...); ``system_prompt`` replaces the recipe's;
     ``retrieval`` is True, False or "auto" (retrieval-augmented mode, see ``RetrievalConfig``);
+    ``merge_dtype`` (bf16, fp16, fp32) replaces the recipe's ``merge.dtype``;
     ``resume`` continues the name's last unfinished build from its last checkpoint;
     ``until="train"`` stops after training (what ``agentpeft train`` runs); ``judge`` names a chat
     model that also grades the held-out replies (reported, never gating); ``eval_limit`` evaluates a
@@ -107,7 +109,7 @@ def build(recipe: str | Recipe, kb: str | Path | None = None, name: str | None =
         raise AgentpeftError(f"until must be 'train' or 'register', not {until!r}")
     set_enabled(show_progress)
     recipe = configure(recipe, kb, base, data_mix=data_mix, system_prompt=system_prompt, retrieval=retrieval,
-                       **train_overrides)
+                       merge_dtype=merge_dtype, **train_overrides)
     if eval_limit is not None:
         recipe = recipe.model_copy(update={"eval": recipe.eval.model_copy(update={"max_questions": eval_limit})})
     name = check_name(name or recipe.name)
@@ -184,9 +186,11 @@ def build(recipe: str | Recipe, kb: str | Path | None = None, name: str | None =
              KB_FILE: build_dir / KB_FILE}
     merge_info = None
     if recipe.train.method in MERGEABLE:
-        merged = merge(base_dir, trained.adapter_dir, build_dir / "merged", recipe.system_prompt)
+        merged = merge(base_dir, trained.adapter_dir, build_dir / "merged", recipe.system_prompt,
+                       dtype=recipe.merge.dtype)
         files["merged"] = merged.path
-        merge_info = {"max_logit_diff": merged.max_logit_diff, "tolerance": merged.tolerance}
+        merge_info = {"max_logit_diff": merged.max_logit_diff, "tolerance": merged.tolerance,
+                      "dtype": merged.dtype, "stored_logit_diff": merged.stored_logit_diff}
         done("merge", merged.summary())
     else:
         done("merge", f"skipped: a {recipe.train.method} adapter cannot be merged; registered as base + adapter")
