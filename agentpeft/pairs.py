@@ -27,7 +27,7 @@ class Pair:
     generator: str = ""
     #: Other phrasings of the question that the generator knows (they keep the meaning exactly).
     paraphrases: list[str] = field(default_factory=list)
-    #: False for train-only pairs (general replay data): trained as they are, never held out.
+    #: False for train-only pairs (the general mix): trained as they are, never held out.
     held_out: bool = True
     #: False: trained as a plain chat, without the recipe's system prompt.
     system: bool = True

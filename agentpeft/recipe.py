@@ -29,7 +29,9 @@ class DataConfig(_Strict):
         "question/answer documents, faq for question headings, prose synthesis for the rest; false: only the listed "
         "generators run"))
     train_phrasings: int = Field(4, ge=1, le=8, description="question phrasings per fact in train")
-    seed: int = 0
+    seed: int = Field(0, description=(
+        "seed of the data: which phrasing of each fact is held out, the order of train, the general pairs sampled, "
+        "the retrieval distractors and the evaluation sample"))
     loader_options: dict[str, dict] = Field({}, description="per-loader options, e.g. {csv: {question: q}}")
     chunk_size: int = Field(1500, ge=50, description="prose chunk length in characters")
     chunk_overlap: int = Field(150, ge=0, description="characters shared by neighbouring chunks")
@@ -44,9 +46,9 @@ class DataConfig(_Strict):
     filters: list[str] = Field([], description="extra registered filters, run after pii, dedup and length")
     paraphrases: int = Field(0, ge=0, le=8, description="extra phrasings generated per question")
     teacher: str | None = Field(None, description="teacher chat model: a registered name, 'base' or provider:model")
-    redact_pii: bool = False
-    replay: int = Field(96, ge=0, description="general prompts the base model answers, mixed into train by the "
-                                              "replay generator (self-distillation against forgetting)")
+    redact_pii: bool = Field(False, description=(
+        "replace personal data (e-mail addresses, phone numbers, IDs, ...) with typed placeholders in the knowledge "
+        "base's sections right after ingestion and in the pairs, so nothing built or registered holds it"))
     general: int = Field(202, ge=0, le=202, description=(
         "general-knowledge Q/A pairs (shipped with agentpeft, disjoint from the forgetting probe) mixed into train "
         "against forgetting, held to the base model by train.anchor_kl; 0: none"))
@@ -56,23 +58,27 @@ class DataConfig(_Strict):
 class TrainConfig(_Strict):
     """PEFT method and trainer hyperparameters."""
 
-    method: Literal["qlora", "lora", "dora", "prefix", "prompt"] = "qlora"
-    r: int = Field(16, ge=1)
-    alpha: int = Field(32, ge=1)
+    method: Literal["qlora", "lora", "dora", "prefix", "prompt"] = Field("qlora", description=(
+        "PEFT method: qlora (LoRA over the base quantized to 4-bit NF4), lora, dora, prefix or prompt tuning"))
+    r: int = Field(16, ge=1, description="LoRA rank")
+    alpha: int = Field(32, ge=1, description="LoRA alpha: the adapter's update is scaled by alpha / r")
     # peft's default; with dropout peft keeps a dropped-out copy of every adapted layer's input, which made
     # an all-linear step a third slower here (docs/performance.md).
-    dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
-    epochs: float = Field(3.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
+    target_modules: list[str] | Literal["all-linear"] = Field("all-linear", description=(
+        "the layers LoRA adapts: module names (q_proj, v_proj, ...) or all-linear"))
+    epochs: float = Field(3.0, gt=0, description="training epochs (fractions allowed)")
     max_steps: int = Field(-1, ge=-1, description="-1: run the epochs; 0: save the adapter untrained")
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(1e-3, gt=0, description="peak learning rate")
     loraplus_lr_ratio: float = Field(1.0, ge=1, description=(
         "LoRA+: the B matrices learn at this multiple of lr (the A matrices at lr); 1: plain LoRA"))
-    batch_size: int = Field(8, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    max_seq_len: int = Field(256, ge=16)
-    warmup_ratio: float = Field(0.1, ge=0, lt=1)
-    max_grad_norm: float = Field(1.0, gt=0)
+    batch_size: int = Field(8, ge=1, description="examples per device step")
+    grad_accum: int = Field(1, ge=1, description=(
+        "gradient-accumulation steps: an optimizer step sees batch_size x grad_accum examples"))
+    max_seq_len: int = Field(256, ge=16, description=(
+        "longest rendered pair, in tokens: a longer answer is split into parts that fit"))
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="share of the steps over which the learning rate warms up")
+    max_grad_norm: float = Field(1.0, gt=0, description="gradient-norm clipping threshold")
     virtual_tokens: int = Field(20, ge=1, description="prefix and prompt tuning")
     dequantize_once: bool | None = Field(None, description=(
         "qlora: train on an fp32 copy of the NF4 weights (the same values) instead of dequantizing them in every "
@@ -83,7 +89,8 @@ class TrainConfig(_Strict):
         "compute the frozen base's matmuls in bf16 (autocast over a bf16 copy of its linear weights), keeping the "
         "adapter, the residual stream, the norms and the LM head's logits in fp32. None: where the hardware has native "
         "bf16 (a GPU with bf16, a CPU with AVX512-BF16 or AMX)"))
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = Field(False, description=(
+        "recompute activations in the backward pass instead of keeping them: less memory, slower steps"))
     group_by_length: bool = Field(True, description="batch examples of similar length: less padding")
     rotate_phrasings: bool = Field(False, description=(
         "each epoch trains one phrasing of every fact, the next of its phrasings in turn, and every train-only "
@@ -103,18 +110,22 @@ class TrainConfig(_Strict):
         "train-only general pairs hold the model to its base: their loss is this weight times the KL divergence "
         "from the base model's next-token distributions (adapter off) instead of cross-entropy; 0: cross-entropy"))
     save_steps: int = Field(0, ge=0, description="checkpoint every N steps; 0 = four times per run")
-    report_to: list[Literal["none", "tensorboard", "wandb"]] = ["none"]
-    seed: int = 42
+    report_to: list[Literal["none", "tensorboard", "wandb"]] = Field(["none"], description=(
+        "where the trainer also logs: none, tensorboard, wandb"))
+    seed: int = Field(42, description="training seed: adapter initialization and batch order")
 
 
 class EvalConfig(_Strict):
     """Metrics and generation settings of the evaluation."""
 
-    metrics: list[str] = ["accuracy", "rouge_l"]
-    primary: str = "accuracy"
-    max_new_tokens: int = Field(64, ge=1)
+    metrics: list[str] = Field(["accuracy", "rouge_l"], description=(
+        "registered metrics computed on the held-out questions (accuracy, token_f1, rouge_l, bleu, perplexity, ...)"))
+    primary: str = Field("accuracy", description=(
+        "the metric the registration gate compares between base and tuned model; one of metrics"))
+    max_new_tokens: int = Field(64, ge=1, description="longest reply generated per question, in tokens")
     batch_size: int = Field(64, ge=1, description="prompts generated together")
-    forgetting_probe: bool = True
+    forgetting_probe: bool = Field(True, description=(
+        "also ask both models general-knowledge questions, to measure what the tuned model forgot"))
     max_questions: int | None = Field(None, ge=1, description="evaluate a seeded sample of at most N held-out questions")
 
     @field_validator("primary")
@@ -150,20 +161,25 @@ class MergeConfig(_Strict):
 class Recipe(_Strict):
     """A recipe: knowledge base, data mix, PEFT setup and metrics, as data."""
 
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
-    description: str = ""
-    system_prompt: str
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$", description=(
+        "the recipe's name (lower-case letters, digits, '.', '_', '-'); the registered model's default name"))
+    description: str = Field("", description="what the model is for: shown by `agentpeft recipes` and in the manifest")
+    system_prompt: str = Field(description=(
+        "the system prompt the model is trained, evaluated and used with"))
     kb_system_prompt: str | None = Field(None, description=(
         "the system prompt when --kb replaces the recipe's own knowledge base (it names no company of the recipe's); "
         "None: system_prompt"))
-    base_model: str = "smollm2-135m"
-    knowledge_base: Path | None = None
-    data: DataConfig = DataConfig()
-    train: TrainConfig = TrainConfig()
-    eval: EvalConfig = EvalConfig()
+    base_model: str = Field("smollm2-135m", description=(
+        "the base model: an alias (`agentpeft models list`), a local folder or a Hugging Face hub id"))
+    knowledge_base: Path | None = Field(None, description=(
+        "the knowledge base, a file or a folder; a relative path resolves against the recipe file's folder"))
+    data: DataConfig = Field(DataConfig(), description="how the knowledge base becomes instruction pairs")
+    train: TrainConfig = Field(TrainConfig(), description="PEFT method and trainer hyperparameters")
+    eval: EvalConfig = Field(EvalConfig(), description="metrics and generation settings of the evaluation")
     tools: list[str] = Field([], description="tools the registered model gets (kb_search, create_ticket, ...)")
-    retrieval: RetrievalConfig = RetrievalConfig()
-    merge: MergeConfig = MergeConfig()
+    retrieval: RetrievalConfig = Field(RetrievalConfig(), description=(
+        "retrieval-augmented mode: top kb_search passages in the prompt, trained RAFT-style"))
+    merge: MergeConfig = Field(MergeConfig(), description="how the merged checkpoint is stored")
     #: Folder of the recipe file; a relative knowledge_base resolves against it.
     root: Path | None = Field(None, exclude=True)
 

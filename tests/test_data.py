@@ -72,35 +72,6 @@ def test_kb_without_pairs_fails_clearly(tmp_path, tiny_base):
         build_dataset(ingest(tmp_path), ["faq", "facts"], load_tokenizer(tiny_base), "S", tmp_path / "o")
 
 
-def test_replay_pairs_are_train_only_and_cached(tiny_base, home, monkeypatch):
-    """The base model's own answers to general prompts join train, never the held-out split."""
-    import agentpeft.models
-    from agentpeft.default_plugins.generators import replay_pairs
-    from agentpeft.pipeline.dataset import Pair, phrase
-    from agentpeft.recipe import configure
-
-    calls = []
-
-    def fake_generate(model, tokenizer, prompts, max_new_tokens=64, *args, **kwargs):
-        calls.append(prompts)
-        return [f"Answer {i}." for i in range(len(prompts))]
-
-    monkeypatch.setattr(agentpeft.models, "generate", fake_generate)
-    recipe = configure("support-bot", base=str(tiny_base))
-    recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"replay": 5})})
-    pairs = replay_pairs([], recipe)
-    assert [p.answer for p in pairs] == [f"Answer {i}." for i in range(5)] and not any(p.held_out for p in pairs)
-    # Every other prompt under the recipe's system prompt, the rest as a plain chat; trained the same way.
-    assert calls[0][0][0] == {"role": "system", "content": recipe.system_prompt}
-    assert calls[0][1][0]["role"] == "user" and [p.system for p in pairs] == [True, False, True, False, True]
-    assert replay_pairs([], recipe) == pairs and len(calls) == 1  # answered once per base model, then cached
-    fact = Pair("How long is the warranty?", "Two years.", key="Two years")
-    train, held_out = phrase([fact, *pairs], train_phrasings=2, seed=0)
-    assert [r["question"] for r in held_out if r["answer"].startswith("Answer")] == []
-    assert sum(r["question"] == pairs[0].question for r in train) == 1 and len(held_out) == 1
-    assert [r["system"] for r in train if r["answer"].startswith("Answer")] == [True, False, True, False, True]
-
-
 def test_general_pairs_are_plain_chats_disjoint_from_the_probe():
     """The general pairs are train-only, asked without the system prompt, and share neither a
     question nor a key fact with the forgetting probe that measures what they protect."""

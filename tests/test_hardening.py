@@ -450,8 +450,7 @@ def test_redact_pii_reaches_the_registered_knowledge_base_the_build_folder_and_t
 
     kb = _pii_knowledge_base(tmp_path / "kb")
     recipe = get_recipe("support-bot")
-    recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"redact_pii": True, "general": 0,
-                                                                              "replay": 0})})
+    recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"redact_pii": True, "general": 0})})
     result = build_tiny(tiny_base, "pii-bot", recipe=recipe, kb=kb, max_steps=1, retrieval=True)
     assert result.version == 1
     kb_file = registry.resolve("pii-bot") / "kb.jsonl"

@@ -63,8 +63,11 @@ def qa_pairs(documents):
                    source=f"{doc.metadata.get('source', '')}:{doc.metadata.get('line', 0)}")
 
 
-_FENCE = re.compile(r"^\s*(```|~~~).*?^\s*\1\s*$", re.M | re.S)
-_LINK = re.compile(r"!?\[([^\]]*)\]\([^)]*\)")
+# Each pattern here reads a run of characters once: a fence line's indent is spaces and tabs (with
+# ``\s*`` every blank line re-read the blank lines after it), a link's text holds no "[" (so "[[[[" is
+# not read again from each bracket), and the numbers of _SLOTS have a bounded length.
+_FENCE = re.compile(r"^[ \t]*+(```|~~~).*?^[ \t]*+\1[ \t]*+$", re.M | re.S)
+_LINK = re.compile(r"!?\[([^\[\]]*+)\]\([^)]*+\)")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"(])")
 _BULLET = re.compile(r"^\s*(?:[-*+]|\d+[.)])\s+")
 _COPULA = re.compile(
@@ -143,7 +146,7 @@ _WEEKDAYS = "Monday|Tuesday|Wednesday|Thursday|Friday|Saturday|Sunday"
 _MONTHS = "January|February|March|April|May|June|July|August|September|October|November|December"
 # What a prose sentence can state, most specific first: (pattern, question word(s) for it).
 _SLOTS = (
-    (re.compile(r"[$€£]\s?\d[\d,]*(?:\.\d+)?(?:\s?(?:per|a|an)\s\w+)?|\b\d[\d,]*(?:\.\d+)?\s?(?:dollars|euros|pounds|USD|EUR|GBP)\b"),
+    (re.compile(r"[$€£]\s?\d[\d,]{0,24}(?:\.\d+)?(?:\s?(?:per|a|an)\s\w+)?|\b\d[\d,]{0,24}(?:\.\d+)?\s?(?:dollars|euros|pounds|USD|EUR|GBP)\b"),
      "how much"),
     (re.compile(r"\b\d{1,2}(?::\d{2})?\s?(?:a\.m\.|p\.m\.|am|pm|AM|PM)(?=\W|$)|\b(?:noon|midnight)\b|\b\d{1,2}:\d{2}\b"),
      "what time"),
@@ -154,11 +157,11 @@ _SLOTS = (
     (re.compile(rf"\b(?:{_WEEKDAYS})s?(?:\s(?:to|through|and|-)\s(?:{_WEEKDAYS})s?)?\b"), "which days"),
     (re.compile(rf"\b(?:{_MONTHS})(?:\s\d{{1,2}}(?:st|nd|rd|th)?)?\b(?:,?\s\d{{4}})?"), "when"),
     (re.compile(r"\b[A-Z]{1,5}-?\d[\w-]*\b|\b[A-Z]{2,}[A-Z0-9]*-[A-Z0-9-]+\b"), "which code"),
-    (re.compile(r"\b\d[\d,]*(?:\.\d+)?\s?(?:kg|g|lb|lbs|km|m|cm|mm|mi|miles|km/h|mph|W|V|GB|MB|TB|lumens|L|ml)\b"),
+    (re.compile(r"\b\d[\d,]{0,24}(?:\.\d+)?\s?(?:kg|g|lb|lbs|km|m|cm|mm|mi|miles|km/h|mph|W|V|GB|MB|TB|lumens|L|ml)\b"),
      "how much"),
     (re.compile(rf"\b(?:up to |at most |at least |maximum of |minimum of )?(?:\d+|{_NUMBER_WORDS})\s(?:[a-z]+\s)?[a-z]{{3,}}s\b",
                 re.I), "how many"),
-    (re.compile(r"[\w.+-]+@[\w-]+\.[\w.]+|\b(?:\+?\d[\d ()-]{7,}\d)\b|\bhttps?://\S+|\b[\w-]+\.(?:com|org|net|io)\b"),
+    (re.compile(r"(?<![\w.+-])[\w.+-]++@[\w-]+\.[\w.]+|\b(?:\+?\d[\d ()-]{7,24}\d)\b|\bhttps?://\S+|\b[\w-]+\.(?:com|org|net|io)\b"),
      "which contact"),
 )
 _STOP = frozenset("a an the and or but of to in on at for from by with is are was were be been it its this that these "
@@ -265,46 +268,6 @@ def teacher_pairs(documents, recipe):
     return synthesize(model, [d for d in documents if not d.metadata.get("question")])
 
 
-def _base_answers(recipe, chats: list[list[dict]]) -> list[str]:
-    """The recipe's base model's greedy replies to ``chats``, cached per base model and chats."""
-    import hashlib
-    import json
-
-    from ..models import generate, home, load_model, load_tokenizer, resolve_base, weights_hash
-
-    folder = resolve_base(recipe.base_model, log=lambda s: None)
-    key = hashlib.sha256(json.dumps([weights_hash(folder), chats, REPLAY_TOKENS]).encode()).hexdigest()
-    cached = home() / "cache" / "replay" / f"{key[:32]}.json"
-    if cached.is_file():
-        return json.loads(cached.read_text())
-    answers = generate(load_model(folder), load_tokenizer(folder), chats, REPLAY_TOKENS)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(".tmp")
-    tmp.write_text(json.dumps(answers))
-    tmp.replace(cached)
-    return answers
-
-
-def replay_pairs(documents, recipe):
-    """General prompts that ship with agentpeft, answered by the base model itself (train-only).
-
-    Mixed into train, this self-distilled replay data keeps the tuned model close to its base away
-    from the knowledge base, which limits forgetting: every other prompt is asked under the recipe's
-    system prompt, the rest as a plain chat (general use). Answers are cached per base model.
-    """
-    from importlib import resources
-
-    from ..models import chat_prompt
-
-    prompts = resources.files("agentpeft").joinpath("data", "replay_prompts.txt").read_text(encoding="utf-8")
-    prompts = [line.strip() for line in prompts.splitlines() if line.strip()][: recipe.data.replay]
-    systems = [recipe.system_prompt if i % 2 == 0 else None for i in range(len(prompts))]
-    chats = [chat_prompt(s, p) for s, p in zip(systems, prompts)]
-    answers = _base_answers(recipe, chats) if chats else []
-    return [Pair(question=q, answer=a, source="agentpeft:replay_prompts.txt", held_out=False, system=s is not None)
-            for q, a, s in zip(prompts, answers, systems) if a.strip()]
-
-
 def general_pairs(documents, recipe):
     """General-knowledge questions with short answers we wrote, trained as a plain chat (train-only).
 
@@ -326,10 +289,6 @@ def general_pairs(documents, recipe):
                  system=False) for r in rows]
 
 
-#: Longest replay answer, in tokens: long enough for a full short answer, short enough to stay cheap.
-REPLAY_TOKENS = 48
-
-
 @hookimpl
 def register_generators(register):
     register(Generator("faq", faq_pairs))
@@ -337,5 +296,4 @@ def register_generators(register):
     register(Generator("qa", qa_pairs))
     register(Generator("prose", prose_pairs))
     register(Generator("teacher", teacher_pairs))
-    register(Generator("replay", replay_pairs))
     register(Generator("general", general_pairs))

@@ -138,11 +138,15 @@ def phrase(pairs: list[Pair], train_phrasings: int, seed: int) -> tuple[list[dic
 # --- paraphrase augmentation --------------------------------------------------------------------
 
 _WH = r"(What|Which|Where|When|Who|Why|How(?: long| much| many| often| far| big| old)?)"
+# The rest of a question up to its last non-space before the final "?". It ends at a non-space and the
+# whitespace runs are taken possessively, so a run of spaces is read once, not again from each of its
+# positions (``(.+?)\s*\?`` took seconds on a question padded with a few thousand spaces).
+_REST = r"(.*?\S)\s*+\?$"
 _INDIRECT = (
-    (re.compile(rf"^{_WH}\s+(is|are|was|were)\s+(.+?)\s*\?$", re.I), lambda m: f"{m[1].lower()} {m[3]} {m[2]}"),
-    (re.compile(rf"^{_WH}\s+(can|should|will|could|would|may|must)\s+(I|we|you|they)\s+(.+?)\s*\?$", re.I),
+    (re.compile(rf"^{_WH}\s++(is|are|was|were)\s++{_REST}", re.I), lambda m: f"{m[1].lower()} {m[3]} {m[2]}"),
+    (re.compile(rf"^{_WH}\s++(can|should|will|could|would|may|must)\s++(I|we|you|they)\s++{_REST}", re.I),
      lambda m: f"{m[1].lower()} {m[3]} {m[2]} {m[4]}"),
-    (re.compile(rf"^{_WH}\s+do\s+(I|we|you|they)\s+(.+?)\s*\?$", re.I), lambda m: f"{m[1].lower()} {m[2]} {m[3]}"),
+    (re.compile(rf"^{_WH}\s++do\s++(I|we|you|they)\s++{_REST}", re.I), lambda m: f"{m[1].lower()} {m[2]} {m[3]}"),
 )
 # "When is support available?" cannot become "when support available is": such questions keep their order.
 _PREDICATIVE = re.compile(r"(?:ed|able|ible|ing|open|closed|ready|free|due|possible|necessary)$|^(?!the |a |an |my |"
@@ -418,7 +422,7 @@ def build_dataset(documents: list[Document], generators: list[str], tokenizer, s
                 run(name, docs)
         if recipe.data.general and "general" not in generators:
             run("general", documents)
-        if not any(p.held_out for p in pairs):  # train-only pairs (general, replay) are not the knowledge base's
+        if not any(p.held_out for p in pairs):  # train-only pairs (general) are not the knowledge base's
             raise AgentpeftError(
                 f"the knowledge base yields no question/answer pair with generators {sorted(generated) or generators}"
                 f" ({len(documents)} sections read; every section's text is too short or has no sentence to ask "
@@ -585,8 +589,8 @@ def _plot_lengths(card: dict, path: Path) -> None:
 
 def _card_markdown(card: dict) -> str:
     lines = ["# Dataset card", "",
-             f"- Facts: {card['facts']} from {card['documents']} document sections; train-only pairs (general, "
-             f"replay): {card.get('train_only', 0)}",
+             f"- Facts: {card['facts']} from {card['documents']} document sections; train-only general pairs: "
+             f"{card.get('train_only', 0)}",
              f"- Train pairs: {card['splits']['train']}; held-out eval pairs: {card['splits']['eval']}",
              f"- Tokens per rendered pair: mean {card['mean_tokens']}, max {card['max_tokens']} "
              "(histogram: token_lengths.png)",
