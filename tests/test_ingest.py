@@ -38,16 +38,53 @@ def write(folder: Path, name: str, text: str | bytes) -> Path:
     return path
 
 
-def make_pdf(pages: list[list[str]], title: str | None = None) -> bytes:
-    """A minimal valid PDF: one Helvetica text line per entry, one page per list."""
-    objs = ["<< /Type /Catalog /Pages 2 0 R >>",
-            f"<< /Type /Pages /Kids [{' '.join(f'{4 + 2 * i} 0 R' for i in range(len(pages)))}] /Count {len(pages)} >>",
-            "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"]
+def make_pdf(pages: list[list], title: str | None = None, outline: list[tuple[int, str, int]] = (),
+             scaled: bool = False) -> bytes:
+    """A minimal valid PDF, one page per list and one text line per entry, 16 points apart.
+
+    An entry is a string (12 pt Helvetica) or ``(text, size, bold)``; ``scaled`` sets each size with
+    ``1 Tf`` and a scaled text matrix instead of ``Tf``. ``outline`` holds ``(level, title, page index)``
+    bookmarks (levels 1 and 2), each pointing at the top of its page.
+    """
+    def pdf_string(text: str) -> str:
+        return "(" + text.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)") + ")"
+
+    first_page = 5
+    objs = ["<< /Type /Catalog /Pages 2 0 R%s >>" % (f" /Outlines {first_page + 2 * len(pages)} 0 R" if outline else ""),
+            f"<< /Type /Pages /Kids [{' '.join(f'{first_page + 2 * i} 0 R' for i in range(len(pages)))}] /Count {len(pages)} >>",
+            "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+            "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica-Bold >>"]
     for i, lines in enumerate(pages):
-        stream = "BT /F1 12 Tf 72 720 Td 14 TL " + " ".join(f"({line}) Tj T*" for line in lines) + " ET"
+        ops = []
+        for n, line in enumerate(lines):
+            text, size, bold = (line, 12, False) if isinstance(line, str) else line
+            font = "/F2" if bold else "/F1"
+            y = 740 - 16 * n
+            place = f"{font} 1 Tf {size} 0 0 {size} 72 {y} Tm" if scaled else f"{font} {size} Tf 1 0 0 1 72 {y} Tm"
+            ops.append(f"BT {place} {pdf_string(text)} Tj ET")
+        stream = "\n".join(ops)
         objs.append(f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] "
-                    f"/Resources << /Font << /F1 3 0 R >> >> /Contents {5 + 2 * i} 0 R >>")
+                    f"/Resources << /Font << /F1 3 0 R /F2 4 0 R >> >> /Contents {first_page + 1 + 2 * i} 0 R >>")
         objs.append(f"<< /Length {len(stream)} >>\nstream\n{stream}\nendstream")
+    if outline:
+        root = len(objs) + 1
+        items = list(range(root + 1, root + 1 + len(outline)))
+        parents = []  # each entry's parent object: the root, or the level-1 entry above a level-2 one
+        for level, _, _ in outline:
+            parents.append(root if level == 1 else next(items[j] for j in range(len(parents) - 1, -1, -1)
+                                                         if outline[j][0] == 1))
+        def kids(parent):
+            return [items[j] for j in range(len(outline)) if parents[j] == parent]
+        top = kids(root)
+        objs.append(f"<< /Type /Outlines /First {top[0]} 0 R /Last {top[-1]} 0 R /Count {len(outline)} >>")
+        for j, (level, heading, page) in enumerate(outline):
+            siblings, children = kids(parents[j]), kids(items[j])
+            k = siblings.index(items[j])
+            links = (f" /Prev {siblings[k - 1]} 0 R" if k else "") + (
+                f" /Next {siblings[k + 1]} 0 R" if k + 1 < len(siblings) else "") + (
+                f" /First {children[0]} 0 R /Last {children[-1]} 0 R /Count {len(children)}" if children else "")
+            objs.append(f"<< /Title {pdf_string(heading)} /Parent {parents[j]} 0 R{links} "
+                        f"/Dest [{first_page + 2 * page} 0 R /XYZ 0 792 0] >>")
     if title:
         objs.append(f"<< /Title ({title}) >>")
     out, offsets = b"%PDF-1.4\n", []
@@ -235,6 +272,114 @@ def test_pdf_pages_in_metadata(tmp_path):
     assert [d.metadata["page"] for d in docs] == [1, 2]
     assert "7 years" in docs[1].page_content and docs[1].metadata["title"] == "Handbook"
     assert docs[0].metadata["source"] == str(path) and docs[0].metadata["line"] == 1
+
+
+
+def pdf_sections(docs) -> list[tuple[list[str], int, int, str]]:
+    return [(d.metadata["headings"], d.metadata["page"], d.metadata["line"], d.page_content) for d in docs]
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_pdf_headings_from_font_sizes(tmp_path, scaled):
+    page = [("Lamp Handbook", 20, True), "Read this first.", ("Setup", 16, True), ("Unpacking", 14, False),
+            "Lift the lamp out by its base.", ("Switching on", 14, False), "Press the button once.",
+            ("Safety", 14, False), ("Keep it dry", 12, True), "Never open it while it is plugged in.",
+            ("Bold warning paragraph line one", 12, True), ("and its line two.", 12, True), ("Care", 16, True), "Wipe with a dry cloth."]
+    path = write(tmp_path, "lamp.pdf", make_pdf([page], scaled=scaled))
+    docs = ingest(path, ["pdf"])
+    assert pdf_sections(docs) == [
+        (["Lamp Handbook"], 1, 1, "Read this first."),
+        (["Setup", "Unpacking"], 1, 4, "Lift the lamp out by its base."),
+        (["Setup", "Switching on"], 1, 6, "Press the button once."),
+        (["Setup", "Safety", "Keep it dry"], 1, 9, "Never open it while it is plugged in.\n"
+                                                   "Bold warning paragraph line one\nand its line two."),
+        (["Care"], 1, 13, "Wipe with a dry cloth.")]
+    assert {d.metadata["title"] for d in docs} == {"Lamp Handbook"}
+    assert docs[1].metadata["heading"] == "Unpacking"
+
+
+def test_pdf_wrapped_heading_is_one_heading_and_large_text_is_not_one(tmp_path):
+    quote = [("A long quotation set large, line one", 16, False), ("line two of the quotation", 16, False),
+             ("line three of the quotation", 16, False), ("and line four of it", 16, False)]
+    page = [("Keeping the lamp", 16, True), ("in good order", 16, True), "Dust it weekly.", *quote,
+            "Body text after the quotation, long enough to be the size most of the text is set in."]
+    docs = ingest(write(tmp_path, "lamp.pdf", make_pdf([page, ["More body text, as most of a document is."] * 3])), ["pdf"])
+    assert [d.metadata["headings"] for d in docs] == [["Keeping the lamp in good order"]]
+    assert "line four" in docs[0].page_content and "More body text" in docs[0].page_content
+
+
+def test_pdf_headings_from_the_outline(tmp_path):
+    pages = [["Lamp Handbook", "Read this first."],
+             ["Intro text that no bookmark names.", "Unpacking", "Lift the lamp out by its base."],
+             ["Press the button once."]]
+    outline = [(1, "Setup", 1), (2, "Unpacking", 1), (2, "Switching on", 2)]
+    docs = ingest(write(tmp_path, "lamp.pdf", make_pdf(pages, title="The Lamp", outline=outline)), ["pdf"])
+    assert pdf_sections(docs) == [
+        ([], 1, 1, "Lamp Handbook\nRead this first."),
+        (["Setup"], 2, 1, "Intro text that no bookmark names."),  # not on its page: starts at the top
+        (["Setup", "Unpacking"], 2, 2, "Lift the lamp out by its base."),
+        (["Setup", "Switching on"], 3, 1, "Press the button once.")]
+    assert {d.metadata["title"] for d in docs} == {"The Lamp"}
+
+
+def test_pdf_section_runs_across_a_page_break(tmp_path):
+    first = [("Warranty", 16, True), "The warranty lasts 7 years", "from the date of purchase."]
+    second = ["It covers the bulb,", "the switch and the cable.", ("Returns", 16, True), "Send it back within 30 days."]
+    docs = ingest(write(tmp_path, "lamp.pdf", make_pdf([first, second])), ["pdf"])
+    assert pdf_sections(docs) == [
+        (["Warranty"], 1, 1, "The warranty lasts 7 years\nfrom the date of purchase.\nIt covers the bulb,\n"
+                             "the switch and the cable."),
+        (["Returns"], 2, 3, "Send it back within 30 days.")]
+    long = [("Warranty", 16, True)] + [f"Sentence number {n} of the warranty terms." for n in range(40)]
+    docs = ingest(write(tmp_path, "long.pdf", make_pdf([long[:30], long[30:]])), ["pdf"], chunk_size=300, chunk_overlap=0)
+    assert len(docs) > 2 and {tuple(d.metadata["headings"]) for d in docs} == {("Warranty",)}
+    assert (docs[0].metadata["page"], docs[0].metadata["line"]) == (1, 1)
+    assert docs[-1].metadata["page"] == 2 and docs[-1].page_content.endswith("number 39 of the warranty terms.")
+    for later in docs[1:]:  # a later chunk has the page and line where it starts
+        page, line = later.metadata["page"], later.metadata["line"]
+        assert later.page_content.startswith(long[(page - 1) * 30 + line - 1])
+
+
+def test_pdf_running_headers_and_footers_are_dropped(tmp_path):
+    pages = []
+    names = ["Setup", "Care", "Repairs", "Disposal"]
+    for n, name in enumerate(names, 1):
+        body = [(name, 16, True), f"Fact: the lamp has {n * n} settings."]
+        pages.append(["ACME LAMPS - OWNER GUIDE", *body, f"Page {n} of 4"])
+    docs = ingest(write(tmp_path, "lamp.pdf", make_pdf(pages)), ["pdf"])
+    assert pdf_sections(docs) == [([name], n, 2, f"Fact: the lamp has {n * n} settings.")
+                                  for n, name in enumerate(names, 1)]
+    plain = [["ACME LAMPS", f"The lamp weighs {n * n} kg.", str(n + 10)] for n in range(1, 4)]
+    docs = ingest(write(tmp_path, "plain.pdf", make_pdf(plain)), ["pdf"])
+    assert pdf_sections(docs) == [([], n, 2, f"The lamp weighs {n * n} kg.") for n in range(1, 4)]
+
+
+def test_pdf_with_one_font_size_is_chunked_by_page(tmp_path):
+    pages = [["Setup", "Lift the lamp out."], ["Care", "Wipe it dry."]]
+    docs = ingest(write(tmp_path, "lamp.pdf", make_pdf(pages, title="Lamp")), ["pdf"])
+    assert pdf_sections(docs) == [([], 1, 1, "Setup\nLift the lamp out."), ([], 2, 1, "Care\nWipe it dry.")]
+    assert {d.metadata["title"] for d in docs} == {"Lamp"}
+
+
+def test_pdf_without_text_is_skipped(tmp_path):
+    from agentpeft.default_plugins.loaders import load_pdf
+    from agentpeft.pipeline.ingest import SkipFile
+
+    path = write(tmp_path, "scan.pdf", make_pdf([[], []]))
+    with pytest.raises(SkipFile, match=r"no text layer in its 2 page\(s\)"):
+        load_pdf(path)
+
+
+
+def test_pdf_handbook_has_the_sections_of_its_word_twin():
+    bench = Path(__file__).resolve().parents[1] / "bench" / "kbs"
+    pdf, docx = bench / "orchid-clinic-pdf" / "kb" / "handbook.pdf", bench / "orchid-clinic" / "kb" / "handbook.docx"
+    if not (pdf.exists() and docx.exists()):
+        pytest.skip("benchmark handbooks not present")
+    from_pdf, from_docx = ingest(pdf, ["pdf"]), ingest(docx, ["docx"])
+    assert [d.metadata["headings"] for d in from_pdf] == [d.metadata["headings"] for d in from_docx]
+    assert {d.metadata["title"] for d in from_pdf} == {d.metadata["title"] for d in from_docx}
+    assert [d.metadata["page"] for d in from_pdf] == sorted(d.metadata["page"] for d in from_pdf)
 
 
 def test_csv_and_tsv_pairs_with_configurable_columns(tmp_path):

@@ -16,11 +16,13 @@ import bisect
 import csv
 import io
 import json
+import math
 import re
 import warnings
+from collections import Counter
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 import yaml
 from langchain_core.documents import Document
@@ -343,8 +345,282 @@ def _merge_prose(parts: list[str]) -> list[str]:
     return merged
 
 
+# --- PDF ---------------------------------------------------------------------------------------------
+
+class _PdfLine(NamedTuple):
+    text: str  # without trailing spaces
+    page: int  # 1-based
+    line: int  # 1-based, within the page's extracted text
+    size: float  # dominant font size in points (to the half point); 0 when unknown
+    bold: bool  # every visible character in a bold font
+    y: float | None  # baseline of the line's first text, in page space
+
+
+_PDF_BOLD = re.compile(r"bold|black|heavy|demi|semibold|extrabold|ultrabold", re.I)
+
+
+def _pdf_bold(font) -> bool:
+    """Whether a font dictionary names a bold face (or its descriptor says so: weight, ForceBold flag)."""
+    try:
+        font = font.get_object() if hasattr(font, "get_object") else font
+        if not hasattr(font, "get"):
+            return False
+        if _PDF_BOLD.search(str(font.get("/BaseFont") or "")):
+            return True
+        descriptor = font.get("/FontDescriptor")
+        if descriptor is None and font.get("/DescendantFonts"):  # a Type0 font describes its face below
+            descendant = font["/DescendantFonts"].get_object()[0].get_object()
+            if _PDF_BOLD.search(str(descendant.get("/BaseFont") or "")):
+                return True
+            descriptor = descendant.get("/FontDescriptor")
+        descriptor = descriptor.get_object() if descriptor is not None else None
+        if descriptor is None:
+            return False
+        return float(descriptor.get("/FontWeight", 0) or 0) >= 600 or bool(int(descriptor.get("/Flags", 0) or 0) & 1 << 18)
+    except Exception:  # a damaged font dictionary only costs the boldness hint
+        return False
+
+
+def _pdf_page_lines(page, number: int) -> list[_PdfLine]:
+    """The page's text lines with the font size and boldness pypdf reports for each piece of text.
+
+    The size is the font size (``Tf``) times the vertical scale of the text and graphics matrices, so a
+    PDF that sets ``1 Tf`` and scales with ``Tm`` reads the same as one that sets ``12 Tf``. When the
+    pieces do not add up to the page's text, the lines carry no size (size 0) rather than wrong ones.
+    """
+    pieces: list[tuple[str, float, bool, float | None]] = []
+    bold_fonts: dict[int, bool] = {}
+
+    def visit(text, cm, tm, font, font_size):
+        if not text:
+            return
+        size, y = 0.0, None
+        try:
+            a, b, c, d, e, f = (float(v) for v in tm)
+            a2, b2, c2, d2, e2, f2 = (float(v) for v in cm) if cm else (1.0, 0.0, 0.0, 1.0, 0.0, 0.0)
+            size = float(font_size or 0) * math.hypot(c * a2 + d * c2, c * b2 + d * d2)
+            y = e * b2 + f * d2 + f2
+        except (TypeError, ValueError):
+            pass
+        key = id(font)
+        if key not in bold_fonts:
+            bold_fonts[key] = _pdf_bold(font) if font is not None else False
+        pieces.append((text, round(size * 2) / 2, bold_fonts[key], y))
+
+    plain = (page.extract_text(visitor_text=visit) or "").replace("\r\n", "\n").replace("\r", "\n").replace("\x00", "")
+    joined = "".join(p[0] for p in pieces).replace("\r\n", "\n").replace("\r", "\n").replace("\x00", "")
+    if re.sub(r"\s+", "", joined) != re.sub(r"\s+", "", plain):
+        return [_PdfLine(text.rstrip(), number, i, 0.0, False, None) for i, text in enumerate(plain.split("\n"), 1)]
+    lines: list[_PdfLine] = []
+    text, sizes, bold, y = "", Counter(), True, None
+
+    def close():
+        nonlocal text, sizes, bold, y
+        size = sizes.most_common(1)[0][0] if sizes else 0.0
+        lines.append(_PdfLine(text.rstrip(), number, len(lines) + 1, size, bold and bool(sizes), y))
+        text, sizes, bold, y = "", Counter(), True, None
+
+    for piece, size, is_bold, at in pieces:
+        parts = piece.replace("\r\n", "\n").replace("\r", "\n").replace("\x00", "").split("\n")
+        for i, part in enumerate(parts):
+            if i:
+                close()
+            visible = len(part) - part.count(" ") - part.count("\t")
+            if visible:
+                text += part
+                sizes[size] += visible
+                bold = bold and is_bold
+                y = at if y is None else y
+            else:
+                text += part
+    if text.strip() or not lines:
+        close()
+    return lines
+
+
+def _pdf_furniture(pages: list[list[_PdfLine]]) -> set[tuple[int, int]]:
+    """``(page, line)`` of running headers and footers, in a document of three pages or more.
+
+    Such a line is among the first or last three of its page and recurs on most pages: the same text,
+    or the same text but for a number that moves with the page number ("Page 3 of 9", "- 12 -").
+    """
+    if len(pages) < 3:
+        return set()
+    groups: dict[str, list[_PdfLine]] = {}
+    for lines in pages:
+        texts = [line for line in lines if line.text.strip()]
+        edges: dict[str, _PdfLine] = {}
+        for line in texts[:3] + texts[-3:]:
+            edges.setdefault(re.sub(r"\d+", "#", " ".join(line.text.lower().split())), line)
+        for key, line in edges.items():
+            groups.setdefault(key, []).append(line)
+    drop: set[tuple[int, int]] = set()
+    for found in groups.values():
+        if len(found) < 3 or len(found) <= len(pages) / 2:
+            continue
+        numbers = [[int(n[-9:]) for n in re.findall(r"\d+", line.text)] for line in found]
+        static = all(n == numbers[0] for n in numbers)
+        if static or any(len({n[k] - line.page for n, line in zip(numbers, found)}) == 1 for k in range(len(numbers[0]))):
+            drop.update((line.page, line.line) for line in found)
+    return drop
+
+
+def _pdf_outline_headings(reader, lines: list[_PdfLine]) -> dict[int, tuple[int, str, int]]:
+    """Headings from the document outline (bookmarks): ``{line index: (level, heading, lines it takes)}``.
+
+    Each entry is looked for on its destination page as a line (or up to three wrapped lines) reading
+    like its title; that text is the heading and leaves the body. An entry not found there starts at
+    the first line at or below its destination's top, else at the top of its page.
+    """
+    entries: list[tuple[int, str, int, float | None]] = []  # level, title, 0-based page, top
+
+    def walk(items, level):
+        for item in items:
+            if isinstance(item, list):
+                walk(item, level + 1)
+                continue
+            try:
+                number = reader.get_destination_page_number(item)
+                title = " ".join(str(item.title or "").split())
+                top = item.top
+                top = float(top) if isinstance(top, (int, float)) else None
+            except Exception:  # a broken or remote destination: the entry is left out
+                continue
+            if number is not None and number >= 0 and title:
+                entries.append((min(level, 6), title, number, top))
+
+    try:
+        walk(reader.outline, 1)
+    except Exception:  # an unreadable outline is as good as none
+        return {}
+    page_of = [line.page for line in lines]
+    placed: list[tuple[int, int, int, str, int]] = []  # line index, order, level, title, lines taken
+    for order, (level, title, number, top) in enumerate(entries):
+        start = bisect.bisect_left(page_of, number + 1)  # the page's first line, or the next page's
+        if start == len(lines):
+            continue
+        want = _pdf_norm(title)
+        found = None
+        i = start
+        while found is None and i < len(lines) and lines[i].page == number + 1:
+            seen = ""
+            for k in range(3):
+                if i + k >= len(lines) or lines[i + k].page != number + 1:
+                    break
+                seen += _pdf_norm(lines[i + k].text)
+                if not seen or not want.startswith(seen):
+                    break
+                if seen == want:
+                    found = (i, k + 1)
+                    break
+            i += 1
+        if found is None:
+            below = next((j for j in range(start, len(lines)) if lines[j].page == number + 1
+                          and top is not None and lines[j].y is not None and lines[j].y <= top + 2), None)
+            found = (below if below is not None else start, 0)
+        placed.append((found[0], order, level, title, found[1]))
+    headings: dict[int, tuple[int, str, int]] = {}
+    for index, _, level, title, taken in sorted(placed):
+        while index in headings:  # two entries at one place: the later one follows the earlier
+            index += 1
+        headings[index] = (level, title, taken)
+    return headings
+
+
+def _pdf_norm(text: str) -> str:
+    return re.sub(r"\W+", "", text.lower())
+
+
+def _pdf_font_headings(lines: list[_PdfLine]) -> dict[int, tuple[int, str, int]]:
+    """Headings from font sizes: ``{line index: (level, heading, lines it takes)}``, empty when none.
+
+    The body size is the size most characters are set in. A short line set clearly larger (by a tenth
+    and at least a point) is a heading, and so is a short line that is bold at the body size while the
+    lines around it are not. Up to three consecutive lines in one style are one wrapped heading; a longer
+    run is large text, not a heading. Levels follow the distinct sizes, largest first, bold body text
+    last; a largest size used by one heading on the first page is the document's title and shares level
+    1 with the next size, as Word's Title style does.
+    """
+    sizes: Counter = Counter()
+    for line in lines:
+        if line.size:
+            sizes[line.size] += len(line.text.strip())
+    if not sizes:
+        return {}
+    body = sizes.most_common(1)[0][0]
+
+    def style(i: int) -> tuple[float, bool] | None:
+        line = lines[i]
+        text = line.text.strip()
+        if not line.size or not re.search(r"[^\W\d_]", text) or len(text) > 150 or len(text.split()) > 20:
+            return None
+        if line.size >= body + max(1.0, body / 10):
+            return (line.size, False)
+        if line.bold and abs(line.size - body) <= 0.5 and not re.search(r"[.,;]$", text):
+            return (body, True)
+        return None
+
+    def bold_text(i: int) -> bool:  # a bold line at the body size: a bold paragraph's, if next to another
+        return (0 <= i < len(lines) and lines[i].bold and abs(lines[i].size - body) <= 0.5
+                and bool(lines[i].text.strip()))
+
+    runs: list[tuple[int, int, tuple[float, bool]]] = []  # first line index, line count, style
+    i = 0
+    while i < len(lines):
+        mark = style(i)
+        if mark is None:
+            i += 1
+            continue
+        j = i + 1
+        while (j < len(lines) and lines[j].page == lines[i].page and style(j) == mark
+               and lines[j].bold == lines[i].bold):
+            j += 1
+        count = j - i
+        alone = not mark[1] or count == 1 and not bold_text(i - 1) and not bold_text(j)
+        if count <= 3 and alone:
+            runs.append((i, count, mark))
+        i = j
+    if not runs:
+        return {}
+    order = sorted({mark for _, _, mark in runs}, key=lambda m: (m[1], -m[0]))
+    level = {mark: n + 1 for n, mark in enumerate(order)}
+    top = order[0]
+    if len(order) > 1 and not top[1]:
+        uses = [(i, n) for i, n, mark in runs if mark == top]
+        if len(uses) == 1 and lines[uses[0][0]].page == lines[0].page:
+            level = {mark: max(1, n - 1) for mark, n in level.items()}
+    return {i: (min(level[mark], 6), " ".join(" ".join(lines[k].text.split()) for k in range(i, i + n)), n)
+            for i, n, mark in runs}
+
+
+def _pdf_sections(lines: list[_PdfLine], headings: dict[int, tuple[int, str, int]], by_page: bool):
+    """``(trail, first line, body lines)`` for each section; without headings, ``by_page`` splits at pages."""
+    sections: list[tuple[list[str], _PdfLine | None, list[_PdfLine]]] = [([], None, [])]
+    trail: list[str] = []
+    skip = 0
+    for i, line in enumerate(lines):
+        if i in headings:
+            level, heading, skip = headings[i]
+            trail = trail[: level - 1] + [heading]
+            sections.append((list(trail), line, []))
+        elif by_page and sections[-1][2] and sections[-1][2][-1].page != line.page:
+            sections.append(([], None, []))
+        if skip:
+            skip -= 1
+            continue
+        sections[-1][2].append(line)
+    return sections
+
+
 def load_pdf(path: Path, chunk_size: int = 1500, chunk_overlap: int = 150) -> list[Document]:
-    """Text of each page in chunks, with the 1-based ``page`` in metadata (``line`` counts within the page)."""
+    """Sections at the PDF's headings, chunked; metadata ``page`` (1-based) and ``line`` (within that page).
+
+    Headings come from the outline (bookmarks) when the PDF has one, else from font sizes and
+    boldness (see :func:`_pdf_font_headings`). A section runs on across page breaks; each chunk has the
+    page and line where it starts, the first one those of its heading. Running headers and footers
+    are dropped. A PDF without usable headings (one font size, no font information) is chunked page
+    by page, as plain text.
+    """
     from pypdf import PdfReader
 
     try:
@@ -353,7 +629,7 @@ def load_pdf(path: Path, chunk_size: int = 1500, chunk_overlap: int = 150) -> li
         reader = PdfReader(path)
         if reader.is_encrypted and not reader.decrypt(""):
             raise SkipFile(path, "encrypted PDF")
-        pages = [page.extract_text() or "" for page in reader.pages]
+        pages = [_pdf_page_lines(page, number) for number, page in enumerate(reader.pages, 1)]
         meta_title = reader.metadata.title if reader.metadata else None
     except SkipFile:
         raise
@@ -361,15 +637,25 @@ def load_pdf(path: Path, chunk_size: int = 1500, chunk_overlap: int = 150) -> li
         raise SkipFile(path, f"unreadable ({exc.strerror or exc})") from None
     except Exception as exc:  # pypdf raises many exception types on a corrupt file
         raise SkipFile(path, f"not a readable PDF ({type(exc).__name__})") from None
-    title = str(meta_title).strip() if meta_title and str(meta_title).strip() else path.stem
-    if pages and not any(page.strip() for page in pages):
+    if pages and not any(line.text.strip() for lines in pages for line in lines):
         raise SkipFile(path, f"no text layer in its {len(pages)} page(s) (a scanned PDF needs OCR first)")
+    furniture = _pdf_furniture(pages)
+    lines = [line for page in pages for line in page if (line.page, line.line) not in furniture]
+    headings = _pdf_outline_headings(reader, lines) or _pdf_font_headings(lines)
+    title = str(meta_title).strip() if meta_title else ""
+    title = title or next((heading for _, heading, _ in headings.values()), path.stem)
     docs: list[Document] = []
-    for number, page in enumerate(pages, 1):
-        page = page.replace("\r\n", "\n").replace("\x00", "")
-        lines = _Lines(page)
-        chunks = chunk_text(page, chunk_size, chunk_overlap)
-        docs += _prose(path, title, [], lines(chunks[0][0]) if chunks else 1, chunks, lines, page=number)
+    for trail, first, body_lines in _pdf_sections(lines, headings, by_page=not headings):
+        starts, offset = [], 0
+        for line in body_lines:
+            starts.append(offset)
+            offset += len(line.text) + 1
+        body = "\n".join(line.text for line in body_lines)
+        for n, (at, chunk) in enumerate(chunk_text(body, chunk_size, chunk_overlap)):
+            where = first if n == 0 and first is not None else body_lines[bisect.bisect_right(starts, at) - 1]
+            docs.append(Document(page_content=chunk, metadata={
+                "source": str(path), "line": where.line, "heading": trail[-1] if trail else "",
+                "headings": list(trail), "title": title, "page": where.page}))
     return docs
 
 
