@@ -390,13 +390,22 @@ def chat(ref, agent, max_new_tokens):
 @click.argument("ref")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (localhost only by default).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port (0: any free port).")
-def serve(ref, host, port):
+@click.option("--api-key", envvar="AGENTPEFT_API_KEY", show_envvar=True,
+              help="Require Authorization: Bearer KEY on every route but /health.")
+@click.option("--max-queue", type=click.IntRange(0), default=8, show_default=True,
+              help="Requests that may wait while one generates; further ones get 503 with Retry-After.")
+@click.option("--max-connections", type=click.IntRange(1), default=64, show_default=True,
+              help="Open connections at once; further ones get 503.")
+@click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
+              help="A Host name accepted besides localhost, 127.0.0.1, ::1 and --host (repeatable).")
+def serve(ref, host, port, api_key, max_queue, max_connections, allowed_hosts):
     """Serve a registered model (NAME[@VERSION]) over an OpenAI-compatible HTTP API (/v1/chat/completions)."""
     from .registry import parse_ref
     from .serve import serve as run_server
 
     name, version = parse_ref(ref)
-    run_server(name, host, port, version, log=click.echo)
+    run_server(name, host, port, version, log=click.echo, api_key=api_key or None, max_queue=max_queue,
+               limit_concurrency=max_connections, allowed_hosts=tuple(allowed_hosts))
 
 
 @cli.command()

@@ -6,6 +6,7 @@ import json
 import re
 import threading
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -123,16 +124,29 @@ class SpecialistChat(ChatHuggingFace):
             gen["do_sample"] = False
         elif gen.get("temperature"):
             gen.setdefault("do_sample", True)
-        seed = gen.pop("seed", None)
-        if seed is not None:
-            from transformers import set_seed
-
-            set_seed(int(seed))
-        if stop:
+        cancel = kwargs.pop("cancel", None)
+        criteria = [*([_StopOnText(self.tokenizer, stop)] if stop else []), *([_StopOnEvent(cancel)] if cancel else [])]
+        if criteria:
             from transformers import StoppingCriteriaList
 
-            gen["stopping_criteria"] = StoppingCriteriaList([_StopOnText(self.tokenizer, stop)])
+            gen["stopping_criteria"] = StoppingCriteriaList(criteria)
         return gen
+
+    @contextmanager
+    def _generating(self, gen: dict):
+        """Holds the model's generation lock; a ``seed`` in ``gen`` (removed from it) seeds torch's RNG for
+        this generation only: the process-wide state is forked here and restored afterwards."""
+        seed = gen.pop("seed", None)
+        with self._gen_lock:
+            if seed is None:
+                yield
+                return
+            import torch
+
+            cuda = range(torch.cuda.device_count()) if torch.cuda.is_available() else []
+            with torch.random.fork_rng(devices=cuda):
+                torch.manual_seed(int(seed))
+                yield
 
     def _message(self, text: str, prompt: str, gen: dict, tools: list[dict] | None) -> tuple[str, list, list, dict]:
         content, calls, invalid = parse_tool_calls(text) if tools else (text, [], [])
@@ -149,7 +163,7 @@ class SpecialistChat(ChatHuggingFace):
         tools = _pop_tools(kwargs)
         prompt = self._to_chat_prompt(messages, tools)
         gen = self._generation(kwargs, stop)
-        with self._gen_lock:
+        with self._generating(gen):
             result = self.llm._generate(prompts=[prompt], pipeline_kwargs=gen)
         text = _cut_at_stop(result.generations[0][0].text, stop)
         content, calls, invalid, info = self._message(text, prompt, gen, tools)
@@ -165,27 +179,37 @@ class SpecialistChat(ChatHuggingFace):
         tools = _pop_tools(kwargs)
         kwargs.pop("stream_usage", None)
         prompt = self._to_chat_prompt(messages, tools)
+        # A stream closed before its end (a consumer that stops reading) stops the generation too.
+        if "cancel" not in kwargs:
+            kwargs["cancel"] = threading.Event()
+        cancel = kwargs["cancel"]
         gen = self._generation(kwargs, stop)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         errors: list[BaseException] = []
 
         def run() -> None:
             try:
-                with self._gen_lock:
+                with self._generating(gen):
                     self.llm.pipeline(prompt, streamer=streamer, **gen)
             except BaseException as exc:  # handed to the consumer below
                 errors.append(exc)
                 streamer.end()
 
-        threading.Thread(target=run, daemon=True).start()
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
         holds = [*(stop or []), *([_TAG] if tools else [])]
         text, sent = "", 0
-        for piece in streamer:
-            text += piece
-            safe = _safe_prefix(text, holds)
-            if len(safe) > sent:
-                yield ChatGenerationChunk(message=AIMessageChunk(content=safe[sent:]))
-                sent = len(safe)
+        try:
+            for piece in streamer:
+                text += piece
+                safe = _safe_prefix(text, holds)
+                if len(safe) > sent:
+                    yield ChatGenerationChunk(message=AIMessageChunk(content=safe[sent:]))
+                    sent = len(safe)
+        finally:
+            if worker.is_alive():
+                cancel.set()
+                worker.join()
         if errors:
             raise errors[0]
         text = _cut_at_stop(text, stop)
@@ -200,6 +224,18 @@ class SpecialistChat(ChatHuggingFace):
                               chunk_position="last")
         yield ChatGenerationChunk(message=last, generation_info={"finish_reason": info["finish_reason"],
                                                                  "model_name": self.model_id})
+
+
+class _StopOnEvent:
+    """Stops generation once an event is set (transformers StoppingCriteria): a caller's cancellation."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 class _StopOnText:
