@@ -289,7 +289,7 @@ def show(ref, as_json):
 @click.argument("ref")
 @click.option("--data", type=click.Path(dir_okay=False), help="JSONL of question, answer and optional key.")
 @click.option("--metrics", help="Comma-separated metric names (default: the recipe's).")
-@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--max-new-tokens", type=int, default=64, show_default=True, help="Longest reply per question, in tokens.")
 @click.option("--judge", help=JUDGE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
 @click.option("--allow-pickle", is_flag=True, help=ALLOW_PICKLE_HELP)
@@ -368,7 +368,7 @@ def plugins(as_json):
 @click.argument("ref")
 @click.option("--agent", is_flag=True, help="Let the model call its tools itself (needs a model that can; "
               "otherwise run them with /TOOL commands).")
-@click.option("--max-new-tokens", type=int, default=256, show_default=True)
+@click.option("--max-new-tokens", type=int, default=256, show_default=True, help="Longest reply, in tokens.")
 def chat(ref, agent, max_new_tokens):
     """Chat with a registered model (NAME[@VERSION]) in the terminal, with its recipe's tools."""
     from .chat import chat as run_chat
@@ -410,20 +410,22 @@ def serve(ref, host, port, api_key, max_queue, max_connections, allowed_hosts):
 
 @cli.command()
 @click.option("--base", required=True, help="Model: a folder with config.json, an alias, or a hub id in the local cache.")
-@click.option("--method", type=click.Choice(["qlora", "lora", "full"]), default="qlora", show_default=True)
+@click.option("--method", type=click.Choice(["qlora", "lora", "full"]), default="qlora", show_default=True,
+              help="Training method: QLoRA (4-bit NF4 base), LoRA, or full fine-tuning.")
 @click.option("--r", type=int, default=16, show_default=True, help="LoRA rank.")
 @click.option("--alpha", type=int, default=32, show_default=True, help="LoRA alpha.")
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
               help="LoRA dropout (above 0, each adapted layer keeps a dropped-out copy of its input).")
 @click.option("--target-modules", default="all-linear", show_default=True, help="Comma-separated module names, or all-linear.")
-@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Examples per device step.")
 @click.option("--seq-len", type=int, default=256, show_default=True, help="Padded sequence length, in tokens.")
 @click.option("--grad-accum", type=int, default=1, show_default=True,
               help="Gradient-accumulation steps (above 1, every gradient is kept beside the activations).")
 @click.option("--gradient-checkpointing", is_flag=True, help="Estimate with gradient checkpointing.")
 @click.option("--dequantize-once", is_flag=True,
               help="qlora: the NF4 weights kept dequantized in fp32, as training does on a CPU where that copy fits.")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where training would run (what --dtype auto resolves to depends on it).")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
               help="Weights (lora, full, qlora with --dequantize-once) and activations. auto: what training computes "
                    "in (train.bf16): bfloat16 on a GPU or a CPU with native bf16, else float32.")
