@@ -4,6 +4,7 @@ the system prompt in the chat templates, and merged/ stored in bf16 (fp32 on req
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -159,6 +160,66 @@ def test_ollama_export_writes_a_modelfile(reg, tmp_path):
     # The Modelfile's template is ChatML, which the model's own chat template is.
     _, tokenizer = _merged(reg)
     assert chatml_problem(tokenizer) is None
+
+
+GO_RENDER = """package main
+
+import (
+	"encoding/json"
+	"os"
+	"text/template"
+)
+
+type Message struct {
+	Role    string `json:"role"`
+	Content string `json:"content"`
+}
+
+func main() {
+	var in struct {
+		Template string    `json:"template"`
+		Messages []Message `json:"messages"`
+	}
+	if err := json.NewDecoder(os.Stdin).Decode(&in); err != nil {
+		panic(err)
+	}
+	t := template.Must(template.New("").Option("missingkey=zero").Parse(in.Template))
+	if err := t.Execute(os.Stdout, map[string]any{"Messages": in.Messages}); err != nil {
+		panic(err)
+	}
+}
+"""
+
+
+def _modelfile_string(text: str, command: str) -> str:
+    start = text.index(f'{command} """') + len(command) + 4
+    return text[start:text.index('"""', start)]
+
+
+@pytest.mark.skipif(not shutil.which("go"), reason="needs Go to run the Modelfile's template as Ollama does "
+                                                     "(Go's text/template)")
+def test_modelfile_template_renders_as_the_chat_template(reg, tmp_path):
+    """Ollama runs TEMPLATE with Go's text/template over the chat, SYSTEM first when the chat has no system
+    message: the prompt it builds is the one the model's own chat template builds."""
+    import subprocess
+
+    from agentpeft.registry import export
+
+    out = export("support-bot@1", tmp_path / "ollama", format="ollama")
+    text = (out / "Modelfile").read_text()
+    template, system = _modelfile_string(text, "TEMPLATE"), _modelfile_string(text, "SYSTEM")
+    (tmp_path / "render.go").write_text(GO_RENDER)
+    _, tokenizer = _merged(reg)
+    chats = [[{"role": "user", "content": "Hi"}],
+             [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
+              {"role": "user", "content": 'Q2 with "quotes", {{ braces }} and\na newline'}]]
+    for chat in chats:
+        asked = [{"role": "system", "content": system}, *chat]
+        go = subprocess.run(["go", "run", str(tmp_path / "render.go")], input=json.dumps(
+            {"template": template, "messages": asked}), capture_output=True, text=True, timeout=300,
+            env={**os.environ, "GOCACHE": str(tmp_path / "gocache")})
+        assert go.returncode == 0, go.stderr
+        assert go.stdout == tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
 
 
 def test_export_refuses_bad_requests_in_one_line(reg, tmp_path):
