@@ -197,7 +197,7 @@ def paraphrase_questions(model, questions: list[str], n: int) -> list[list[str]]
 
 def resolve_teacher(spec: str, recipe: Any = None):
     """A chat model from a teacher spec: ``base``, a registered model name, or ``provider:model``."""
-    from .langchain import chat_model
+    from .chat_models import chat_model
 
     base = recipe.base_model if recipe is not None else None
     return chat_model(spec, base=base, **({} if ":" in spec else {"max_new_tokens": 384}))

@@ -137,11 +137,11 @@ def test_eval_command_on_registered_and_base_models(built, tiny_base, tmp_path, 
 
 
 def test_judge_is_reported_beside_the_metrics(built, tiny_base, monkeypatch, tmp_path):
-    import agentpeft.langchain
+    import agentpeft.chat_models
     from agentpeft.pipeline.evaluate import chat_rows, evaluate
     from test_metrics import _ScriptedJudge
 
-    monkeypatch.setattr(agentpeft.langchain, "chat_model", lambda spec: _ScriptedJudge())
+    monkeypatch.setattr(agentpeft.chat_models, "chat_model", lambda spec: _ScriptedJudge())
     rows = chat_rows([{"question": "How long is the warranty?", "answer": "Two years.", "key": "Two years"}], "Be brief.")
     result = evaluate(tiny_base, built.path / "adapter", rows, ["accuracy"], "accuracy", tmp_path, max_new_tokens=3,
                       probe=False, judge="scripted")

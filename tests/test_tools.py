@@ -94,7 +94,7 @@ def test_tool_messages_render_into_the_prompt(reg):
 
 
 def test_tool_call_parsing_and_stream_holdback():
-    from agentpeft.langchain import _safe_prefix, parse_tool_calls
+    from agentpeft.chat_models import _safe_prefix, parse_tool_calls
 
     text, calls, invalid = parse_tool_calls(
         'Let me check.<tool_call>{"name": "kb_search", "arguments": {"query": "refund"}}</tool_call>'

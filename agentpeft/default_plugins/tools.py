@@ -106,7 +106,8 @@ def kb_search_tool(recipe=None, model: str | None = None) -> BaseTool:
 
 def ask_tool(model: str, description: str = "") -> BaseTool:
     """The registered specialist as a tool, so any agent can delegate questions to it."""
-    from ..langchain import ask_tool_name, load_llm
+    from ..chat_models import load_llm
+    from ..tools import ask_tool_name
 
     def ask(question: str) -> str:
         return load_llm(model).invoke(question).text

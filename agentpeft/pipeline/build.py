@@ -116,7 +116,7 @@ def build(recipe: str | Recipe, kb: str | Path | None = None, name: str | None =
     if recipe.kb_path is None:
         raise AgentpeftError(f"recipe {recipe.name!r} has no knowledge base; pass --kb PATH")
     if recipe.tools:
-        from ..langchain import collect_tools
+        from ..tools import collect_tools
 
         collect_tools(recipe)  # an unknown tool name fails here, not after training
     stamp = _launch_time() or datetime.now(timezone.utc)

@@ -208,7 +208,7 @@ def evaluate(base_dir: Path, adapter_dir: Path, eval_rows: list[dict], metric_na
              ask: Callable[[list[dict]], list[dict]] | None = None) -> EvalResult:
     """Ask the base model and the tuned model (base + adapter) the same questions, greedily.
 
-    ``judge`` names a chat model (see ``agentpeft.langchain.chat_model``) that also grades both
+    ``judge`` names a chat model (see ``agentpeft.chat_models.chat_model``) that also grades both
     models' replies; its figures are reported beside the metrics, never instead of them. ``ask``
     turns the probe's chat rows into the prompts the model will be given in use (retrieval-augmented
     mode adds passages); ``eval_rows`` come with theirs.
@@ -259,7 +259,7 @@ def evaluate(base_dir: Path, adapter_dir: Path, eval_rows: list[dict], metric_na
     higher = {m.name: m.higher_is_better for m in _metrics(metric_names)}
     graded = None
     if judge:
-        from ..langchain import chat_model
+        from ..chat_models import chat_model
 
         grader = chat_model(judge)
         graded = {"model": judge, **{who: judge_replies(grader, eval_rows, replies[who])["score"]
@@ -386,7 +386,7 @@ def evaluate_model(ref: str, data: Path | str | None = None, metric_names: list[
     with bar(total=len(rows), desc="evaluate", unit="answer") as progress:
         figures, replies = score_model(model, tokenizer, rows, names, max_new_tokens, batch_size, progress.update)
     if judge:
-        from ..langchain import chat_model
+        from ..chat_models import chat_model
 
         figures[f"judge ({judge})"] = judge_replies(chat_model(judge), rows, replies)["score"]
     return {"model": f"{manifest['name']}@{manifest['version']}" if manifest else ref, "n": len(rows),
