@@ -53,7 +53,8 @@ ALIASES: dict[str, WheelModel] = {
 DEFAULT_BASE = "smollm2-135m"
 #: Written beside an adapter by the train stage: its method and whether its base was quantized.
 ADAPTER_META = "agentpeft-adapter.json"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+#: A Hub repository id, matched whole (``fullmatch``: ``$`` would also accept a trailing newline), ASCII only.
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+")
 #: Weight files that are Python pickles: loading one can run code, so they need ``allow_pickle``.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _allow_pickle: ContextVar[bool] = ContextVar("agentpeft_allow_pickle", default=False)
@@ -332,7 +333,7 @@ def resolve_base(spec: str | None, log=print) -> Path:
             raise AgentpeftError(f"base model folder {path} has no config.json; point --base at a transformers checkpoint")
         check_weights(path, "base model")
         return path
-    if _HUB_ID.match(spec):
+    if _HUB_ID.fullmatch(spec):
         try:
             from huggingface_hub import snapshot_download
 

@@ -42,7 +42,7 @@ PARAPHRASE_SYSTEM = (
 
 def _escape(text: str, tag: str) -> str:
     """Neutralize anything in the data that could close or reopen the delimiter."""
-    return re.sub(rf"<(\s*/?\s*{tag})", r"&lt;\1", text, flags=re.I)
+    return re.sub(rf"<(\s*+/?\s*+{tag})", r"&lt;\1", text, flags=re.I)
 
 
 def chunk_messages(doc: Document, n: int = PAIRS_PER_CHUNK) -> list:
@@ -56,7 +56,7 @@ def chunk_messages(doc: Document, n: int = PAIRS_PER_CHUNK) -> list:
 
 def _json_candidates(text: str) -> list[str]:
     text = re.sub(r"<think>.*?</think>", "", text, flags=re.S)
-    out = [m.group(1) for m in re.finditer(r"```(?:json)?\s*(.*?)```", text, re.S)]
+    out = [m.group(1) for m in re.finditer(r"```(?:json)?\s*+(.*?)```", text, re.S)]
     out.append(text.strip())
     for open_, close in (("[", "]"), ("{", "}")):
         start, end = text.find(open_), text.rfind(close)
@@ -88,11 +88,17 @@ def parse_pairs(text: str) -> list[tuple[str, str]]:
             pairs = [(q, a) for q, a in pairs if q and a]
             if pairs:
                 return pairs
-    found = re.findall(r"(?:^|\n)\s*(?:\d+[.)]\s*)?(?:Q|Question)\s*\d*\s*[:.]\s*(.+?)\s*\n\s*(?:A|Answer)\s*\d*\s*[:.]"
-                       r"\s*(.+?)(?=\n\s*(?:\d+[.)]\s*)?(?:Q|Question)\s*\d*\s*[:.]|\Z)", text, re.S | re.I)
+    found = _QA_LINES.findall(text)
     return [(q.strip(), " ".join(a.split())) for q, a in found if q.strip() and a.strip()]
 
 
+# "Q: ... A: ..." lines, numbered or not. A question or answer runs lazily to the next line that starts an
+# answer or a question; the spaces and tabs around labels are taken possessively and every label is looked
+# for at a line start only, so a run of whitespace is read once (the former ``\s*(.+?)\s*\n\s*`` read it
+# again from each of its positions: seconds on a reply holding a few thousand spaces).
+_Q = r"(?:\d++[.)][ \t]*+)?(?:Q|Question)[ \t]*+\d*+[ \t]*+[:.]"
+_QA_LINES = re.compile(rf"(?:\A\s*+|\n[ \t]*+){_Q}[ \t]*+(.*?)\n[ \t]*+(?:A|Answer)[ \t]*+\d*+[ \t]*+[:.][ \t]*+"
+                       rf"(.*?)(?=\n[ \t]*+{_Q}|\Z)", re.S | re.I)
 _STOP = frozenset(
     "a an the and or but if of to in on at by for with from as is are was were be been being it its this that "
     "these those you your we our they their he she his her i me my do does did can could will would should may "

@@ -470,3 +470,62 @@ def test_redact_pii_reaches_the_registered_knowledge_base_the_build_folder_and_t
     sent = ["\n".join(m.content for m in messages) for messages in teacher.calls]
     assert sent and not [v for v in PLANTED_PII for text in sent if v in text]
     assert any("[EMAIL]" in text or "[CARD]" in text for text in sent)
+
+
+# --- Regular expressions in linear time ----------------------------------------------------------------------
+
+def _backtracking_cases():
+    from agentpeft import teacher
+    from agentpeft.default_plugins import filters, generators, loaders, tech_docs
+    from agentpeft.pipeline.dataset import rule_paraphrases
+
+    n = 20_000
+    return {
+        "markdown heading padded with spaces": lambda: loaders._CLOSING_HASHES.sub("", "Title" + " " * n + "x"),
+        "api name of open parentheses": lambda: tech_docs._key("f" + "(" * n + "x"),
+        "question padded with spaces": lambda: rule_paraphrases("What is the" + " " * n + "x", 4),
+        "teacher reply of Q: and spaces": lambda: teacher.parse_pairs("Q:" + " " * n + "x"),
+        "teacher reply of Q: lines": lambda: teacher.parse_pairs("Q: a\n" + "\n" * n),
+        "teacher code fence and spaces": lambda: teacher._json_candidates("```" + " " * n),
+        "chunk with < and whitespace": lambda: teacher._escape("<" + "\n" * n, "document"),
+        "prose of ,1,1,1": lambda: generators._slots(",1" * (n // 2)),
+        "prose of -a-a-a": lambda: generators._slots("-a" * (n // 2)),
+        "unclosed fence and blank lines": lambda: generators.sentences("```\n" + "\n" * n + "x"),
+        "open brackets": lambda: generators.sentences("[" * n),
+        "spaces between sentences": lambda: list(filters._SENTENCE_BREAK.finditer("a" + " " * n + "b")),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_backtracking_cases()))
+def test_patterns_read_worst_inputs_in_linear_time(case):
+    """20,000-character texts built to make a pattern read a run again from each of its positions (each
+    took from a few seconds to minutes) are handled in well under a second."""
+    import time
+
+    run = _backtracking_cases()[case]
+    start = time.perf_counter()
+    run()
+    assert time.perf_counter() - start < 1.0, case
+
+
+def test_linear_patterns_still_match_what_they_should():
+    from agentpeft import teacher
+    from agentpeft.default_plugins import generators, loaders, tech_docs
+    from agentpeft.models import _HUB_ID
+    from agentpeft.pipeline.dataset import rule_paraphrases
+
+    assert loaders._CLOSING_HASHES.sub("", "Title ##  ") == "Title"
+    assert loaders._CLOSING_HASHES.sub("", "C# and F#") == "C# and F#"
+    assert tech_docs._key("`open(path, mode)`") == "open" and tech_docs._key("Setup (Linux)") == "setup"
+    assert tech_docs._key("a(b) c") == "a(b) c"
+    assert _HUB_ID.fullmatch("HuggingFaceTB/SmolLM2-135M") and not _HUB_ID.fullmatch("org/model\n")
+    assert not _HUB_ID.fullmatch("ｏrg/model")
+    assert "Can you tell me what the warranty of the lamp is?" in rule_paraphrases(
+        "What is the warranty of the lamp  ?", 8)
+    assert teacher.parse_pairs("Sure.\n1. Q: What is it?\n   A: A lamp.\n\nQuestion 2: How long?\nAnswer: 2\nyears.") \
+        == [("What is it?", "A lamp."), ("How long?", "2 years.")]
+    assert teacher._escape("< / Document>", "document") == "&lt; / Document>"
+    assert [wh for _, wh in generators._slots("It weighs 1,200 kg and costs $3,499.99; mail a.b@example.com")] \
+        == ["how much", "how much", "which contact"]
+    assert generators.sentences("See [the guide](https://x.io).\n\n```\ncode\n```\nThe lamp is done.") == \
+        ["See the guide.", "The lamp is done."]

@@ -232,7 +232,8 @@ OVER_WHEN_COUNTED = "part over the limit when counted exactly"
 ESTIMATE_SLACK = 8
 _PROBE = Pair("What is it?", "It is.")
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n\s*")
-_SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[]?[A-Z0-9])|[ \t]*\n\s*")
+# A line break with the spaces around it, matched from the start of the spaces only (each run is read once).
+_SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[]?[A-Z0-9])|(?<![ \t])[ \t]*+\n\s*")
 
 
 def _n_tokens(tokenizer, text: str) -> int:

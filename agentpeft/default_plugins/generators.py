@@ -65,7 +65,8 @@ def qa_pairs(documents):
 
 # Each pattern here reads a run of characters once: a fence line's indent is spaces and tabs (with
 # ``\s*`` every blank line re-read the blank lines after it), a link's text holds no "[" (so "[[[[" is
-# not read again from each bracket), and the numbers of _SLOTS have a bounded length.
+# not read again from each bracket), and the numbers and domain names of _SLOTS have a bounded length
+# (25 digits and commas, a domain label's 63 characters).
 _FENCE = re.compile(r"^[ \t]*+(```|~~~).*?^[ \t]*+\1[ \t]*+$", re.M | re.S)
 _LINK = re.compile(r"!?\[([^\[\]]*+)\]\([^)]*+\)")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"(])")
@@ -161,7 +162,7 @@ _SLOTS = (
      "how much"),
     (re.compile(rf"\b(?:up to |at most |at least |maximum of |minimum of )?(?:\d+|{_NUMBER_WORDS})\s(?:[a-z]+\s)?[a-z]{{3,}}s\b",
                 re.I), "how many"),
-    (re.compile(r"(?<![\w.+-])[\w.+-]++@[\w-]+\.[\w.]+|\b(?:\+?\d[\d ()-]{7,24}\d)\b|\bhttps?://\S+|\b[\w-]+\.(?:com|org|net|io)\b"),
+    (re.compile(r"(?<![\w.+-])[\w.+-]++@[\w-]+\.[\w.]+|\b(?:\+?\d[\d ()-]{7,}\d)\b|\bhttps?://\S+|\b[\w-]{1,63}\.(?:com|org|net|io)\b"),
      "which contact"),
 )
 _STOP = frozenset("a an the and or but of to in on at for from by with is are was were be been it its this that these "

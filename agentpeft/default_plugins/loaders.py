@@ -120,7 +120,9 @@ def _prose(path: Path, title: str, trail: list[str], line: int, chunks: list[tup
 
 _MD_HEADERS = [("#" * n, f"h{n}") for n in range(1, 7)]
 _MD_HEADING = re.compile(r"#{1,6} ")
-_CLOSING_HASHES = re.compile(r"\s+#+\s*$")
+# A heading's closing hashes ("## Title ##"): matched from the start of a whitespace run only, each run
+# taken possessively, so a heading padded with spaces is read once (it was quadratic in their number).
+_CLOSING_HASHES = re.compile(r"(?<!\s)\s++#++\s*+$")
 
 
 def load_markdown(path: Path, chunk_size: int = 1500, chunk_overlap: int = 150) -> list[Document]:

@@ -17,7 +17,13 @@ PROSE_LOADERS = ("markdown", "rst", "html")
 def _key(text: str) -> str:
     """Heading or API name as looked up: lower case, no backticks, no call parentheses or end punctuation."""
     text = text.strip().strip("`").lower()
-    text = re.sub(r"\(.*?\)$", "", text)
+    # "open(path, mode)" -> "open": cut from the first "(" of the last line when that line ends with ")"
+    # (found with str methods: the pattern ``\(.*?\)$`` read the rest of the text again from each "(").
+    last = text[:-1] if text.endswith("\n") else text
+    if last.endswith(")"):
+        start = last.find("(", last.rfind("\n") + 1)
+        if start >= 0:
+            text = text[:start]
     return re.sub(r"\s+", " ", text.replace("`", "")).strip(" ?:.!")
 
 

@@ -11,8 +11,8 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 from ..errors import AgentpeftError
 from ..hookspecs import hookimpl
 
-_EMAIL = re.compile(r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-                    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$")
+_EMAIL = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
@@ -40,7 +40,7 @@ class TicketArgs(BaseModel):
     @classmethod
     def _email(cls, v: str) -> str:
         v = v.strip()
-        if not _EMAIL.match(v):
+        if not _EMAIL.fullmatch(v):
             raise ValueError("not a valid e-mail address (expected name@example.com)")
         return v
 
