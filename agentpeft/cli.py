@@ -59,8 +59,6 @@ TRAIN_OPTIONS = (
     click.option("--bf16/--no-bf16", default=None,
                  help="Compute the frozen base in bf16, adapter and logits in fp32 (default: where the hardware has "
                       "native bf16)."),
-    click.option("--fuse-shared-inputs/--no-fuse-shared-inputs", default=None,
-                 help="Run q/k/v and gate/up, with their LoRA adapters, as one matmul each (default: off)."),
     click.option("--rotate-phrasings/--no-rotate-phrasings", default=None,
                  help="Each epoch trains one phrasing of every fact, the next in turn (default: every phrasing)."),
     click.option("--seed", type=int, help="Random seed."),

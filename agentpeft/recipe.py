@@ -98,14 +98,8 @@ class TrainConfig(_Strict):
     micro_batch_tokens: int = Field(1024, ge=0, description=(
         "on a CPU, a batch whose rows would hold more tokens than this at the longest row's length runs as "
         "micro-batches with accumulated gradients (the same batches and loss, less activation memory); 0: off"))
-    padding_free: bool = Field(False, description="concatenate a batch into one row with position_ids, no padding")
     share_prefix: bool = Field(True, description=(
         "compute the prompt prefix that rows of a batch share (system prompt, chat template) once per batch"))
-    # Off by default: 1.06-1.12x faster in A/Bs, but over six seeds the support-bot build forgot 5.1 probe points
-    # on average against 4.4 (the same sums rounded differently; docs/performance.md).
-    fuse_shared_inputs: bool = Field(False, description=(
-        "run the frozen linear layers that read one input (q/k/v, gate/up) and their LoRA adapters as one matmul "
-        "each for the base, the adapters' A and their B: the same sums in fewer, larger matmuls"))
     anchor_kl: float = Field(3.0, ge=0, description=(
         "train-only general pairs hold the model to its base: their loss is this weight times the KL divergence "
         "from the base model's next-token distributions (adapter off) instead of cross-entropy; 0: cross-entropy"))

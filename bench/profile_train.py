@@ -27,8 +27,8 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def category(name: str, shapes: list, adapter_dims: set[int], vocab: int) -> str:
-    """The group an operator's time is counted in: a matmul with a side in ``adapter_dims`` (the rank, or
-    the ranks of layers fused by ``train.fuse_shared_inputs`` added up) is the adapter's."""
+    """The group an operator's time is counted in: a matmul with a side in ``adapter_dims`` (the LoRA
+    rank) is the adapter's."""
     if name != "aten::mm":
         return name
     dims = {d for shape in shapes for d in shape}
@@ -78,8 +78,7 @@ def main() -> None:
     from transformers import AutoConfig
 
     vocab = AutoConfig.from_pretrained(base).vocab_size
-    fused = max(map(len, stage.SHARED_INPUT_SETS)) if cfg.fuse_shared_inputs else 1
-    adapter_dims = {cfg.r * n for n in range(1, fused + 1)}
+    adapter_dims = {cfg.r}
     groups: collections.Counter = collections.Counter()
     calls: collections.Counter = collections.Counter()
     for event in prof.key_averages(group_by_input_shape=True):

@@ -385,7 +385,7 @@ def main() -> None:
     parser.add_argument("--base", default=None, help="model folder (default: the smollm2-135m alias)")
     parser.add_argument("--agentpeft", default="{}", help="JSON TrainConfig overrides for the agentpeft side")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
-                        help="also run agentpeft with these overrides, e.g. 'padding_free={\"padding_free\": true}'")
+                        help="also run agentpeft with these overrides, e.g. 'noshare={\"share_prefix\": false}'")
     parser.add_argument("--label", default="", help="recorded in the JSON (e.g. what changed)")
     parser.add_argument("--out", default=str(RESULTS / "train_throughput.json"))
     child_options(parser)

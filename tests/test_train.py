@@ -36,7 +36,6 @@ def test_method_trains_loads_and_generates(method, tiny_base, dataset, tmp_path)
     assert len(params) == 1 and "trainable%" in params[0]
     # support-bot's KL anchor needs a LoRA-family adapter; the other methods say so and use cross-entropy.
     assert any(line.startswith("anchor_kl applies to") for line in logs) == (method in ("prefix", "prompt"))
-    assert not any(line.startswith("fuse_shared_inputs") for line in logs)  # opt-in
     meta = adapter_meta(result.adapter_dir)
     assert meta == {"method": method, "quantized_base": method == "qlora",
                     "mergeable": method in ("qlora", "lora", "dora")}
@@ -384,105 +383,6 @@ def _lora_model(tiny_base, targets, dropout=0.0, bf16=False):
     if bf16:
         frozen_linears_to_bf16(model)
     return model
-
-
-def _loss_and_grads(model, ids, bf16=False):
-    import torch
-
-    model.zero_grad()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-@pytest.mark.parametrize("targets,dropout,bf16,per_layer", [("all-linear", 0.0, False, 2),
-                                                            (["q_proj", "v_proj"], 0.0, False, 1),
-                                                            (["q_proj", "v_proj", "up_proj"], 0.1, False, 2),
-                                                            ("all-linear", 0.0, True, 2)])
-def test_fused_shared_inputs_compute_the_same_loss_and_gradients(tiny_base, targets, dropout, bf16, per_layer):
-    import torch
-
-    from agentpeft.pipeline.train import fused_shared_inputs
-
-    model = _lora_model(tiny_base, targets, dropout, bf16)
-    model.eval()  # dropout off, so that both sides compute the same; the fused side still takes its dropout path
-    layers = model.get_base_model().model.layers
-    ids = torch.randint(0, model.config.vocab_size, (2, 12))
-    reference = _loss_and_grads(model, ids, bf16)
-    calls = []
-    matmul = torch.nn.functional.linear
-    with fused_shared_inputs(model) as groups, pytest.MonkeyPatch.context() as mp:
-        mp.setattr(torch.nn.functional, "linear",
-                   lambda *a, **k: (calls.append((a[1].data_ptr(), a[1].shape)), matmul(*a, **k))[1])
-        fused = _loss_and_grads(model, ids, bf16)
-    # q/k/v and gate/up in each layer where one of them is adapted (k_proj and gate_proj join unadapted).
-    assert groups == per_layer * len(layers)
-    for layer in layers:  # q, k and v in one base matmul, over a weight whose first rows are q_proj's
-        attention = layer.self_attn
-        q, k, v = (getattr(getattr(attention, n), "base_layer", getattr(attention, n)) for n in ("q_proj", "k_proj",
-                                                                                                  "v_proj"))
-        fused_weight = (q.weight.data_ptr(), torch.Size([q.out_features + k.out_features + v.out_features,
-                                                         q.in_features]))
-        assert calls.count(fused_weight) == 1
-    tol = {"rtol": 2e-2, "atol": 2e-3} if bf16 else {"rtol": 1e-5, "atol": 1e-6}
-    torch.testing.assert_close(fused[0], reference[0], **tol)
-    assert fused[1].keys() == reference[1].keys()
-    for name in reference[1]:
-        torch.testing.assert_close(fused[1][name], reference[1][name], **tol, msg=name)
-    # Leaving the context gives the layers back their own forward.
-    assert all("forward" not in vars(layer.self_attn.q_proj) for layer in layers)
-
-
-def test_fused_shared_inputs_step_aside_when_the_adapter_is_off_and_keep_the_checkpoint(tiny_base):
-    import torch
-
-    from agentpeft.pipeline.train import fused_shared_inputs
-
-    model = _lora_model(tiny_base, "all-linear")
-    ids = torch.randint(0, model.config.vocab_size, (1, 8))
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    with torch.no_grad():
-        with model.disable_adapter():
-            base = model(input_ids=ids).logits
-        tuned = model(input_ids=ids).logits
-        with fused_shared_inputs(model):
-            with model.disable_adapter():
-                torch.testing.assert_close(model(input_ids=ids).logits, base)
-            torch.testing.assert_close(model(input_ids=ids).logits, tuned, rtol=1e-5, atol=1e-6)
-            after = model.state_dict()
-            assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
-            # A weight replaced after fusing (a .to(), a reload) is joined again, not silently ignored.
-            q = model.get_base_model().model.layers[0].self_attn.q_proj.base_layer
-            q.weight.data = q.weight.data * 2
-            changed = model(input_ids=ids).logits
-    with torch.no_grad():
-        torch.testing.assert_close(changed, model(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
-        assert not torch.allclose(changed, tuned)
-
-
-@pytest.mark.parametrize("method", ["lora", "qlora", "dora"])
-def test_train_with_fused_shared_inputs_takes_the_same_steps(method, tiny_base, dataset, tmp_path):
-    import torch
-    from safetensors.torch import load_file
-
-    logs, losses, adapters = [], {}, {}
-    for fuse in (False, True):
-        out = tmp_path / str(fuse)
-        train(tiny_base, dataset, out, _cfg(method=method, max_steps=4, lr=1e-2, bf16=False, dequantize_once=True,
-                                            fuse_shared_inputs=fuse), log=logs.append)
-        losses[fuse] = [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()
-                        if "loss" in json.loads(line)]
-        adapters[fuse] = load_file(out / "adapter" / "adapter_model.safetensors")
-    # q/k/v and gate/up of each of the tiny model's two layers run fused where the adapter is plain LoRA.
-    fused = [line for line in logs if line.startswith("fuse_shared_inputs")]
-    assert fused == ([] if method == "dora" else
-                     ["fuse_shared_inputs: 4 groups of linear layers that read one input run as one matmul each"])
-    assert losses[True] == pytest.approx(losses[False], rel=1e-6)  # fp32: the same sums, summed in another order
-    # ... and each layer's adapter learns its own weights (not a permutation of them, which would train alike).
-    assert adapters[True].keys() == adapters[False].keys()
-    for name, weight in adapters[False].items():
-        torch.testing.assert_close(adapters[True][name], weight, rtol=1e-4, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("ratio", [1.0, 4.0])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import math
@@ -66,14 +65,9 @@ def train(base_dir: Path, dataset_dir: Path, out_dir: Path, cfg: TrainConfig, re
             raise AgentpeftError(f"--report-to {logger} needs the {logger} package; pip install {logger}")
     torch.manual_seed(cfg.seed)
     train_set = load_from_disk(str(dataset_dir))["train"]
-    if cfg.padding_free and "n_tokens" in train_set.column_names:
-        longer = sum(n > cfg.max_seq_len for n in train_set["n_tokens"])
-        if longer:
-            raise AgentpeftError(f"padding_free trains untruncated pairs, but {longer} are longer than --max-seq-len "
-                                 f"{cfg.max_seq_len}; raise --max-seq-len or turn padding_free off")
     columns = ["prompt", "completion"]
-    if cfg.anchor_kl and (cfg.method not in MERGEABLE or cfg.padding_free):
-        log(f"anchor_kl applies to qlora, lora and dora without padding_free: {cfg.method} learns the general "
+    if cfg.anchor_kl and cfg.method not in MERGEABLE:
+        log(f"anchor_kl applies to qlora, lora and dora: {cfg.method} learns the general "
             "pairs' answers by cross-entropy")
         cfg = cfg.model_copy(update={"anchor_kl": 0.0})
     if cfg.anchor_kl:
@@ -144,11 +138,8 @@ def train(base_dir: Path, dataset_dir: Path, out_dir: Path, cfg: TrainConfig, re
         bf16=bf16,
         use_cpu=not cuda,
         completion_only_loss=True,
-        # TRL does not truncate padding-free batches; the check above keeps every pair within max_seq_len.
-        max_length=None if cfg.padding_free else cfg.max_seq_len,
+        max_length=cfg.max_seq_len,
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
-        # One row per batch, examples kept apart by position_ids (transformers builds a block-diagonal mask).
-        padding_free=cfg.padding_free,
         gradient_checkpointing=False,  # set on the model above, before peft wraps it
         disable_tqdm=True,  # replaced by _ProgressBar: one bar with the loss, no dict per step
         dataloader_num_workers=0,
@@ -180,10 +171,7 @@ def train(base_dir: Path, dataset_dir: Path, out_dir: Path, cfg: TrainConfig, re
     if cfg.max_steps == 0:
         log("max_steps=0: the adapter is saved as initialized, untrained")
     else:
-        with fused_shared_inputs(model) if cfg.fuse_shared_inputs else contextlib.nullcontext(0) as groups:
-            if groups:
-                log(f"fuse_shared_inputs: {groups} groups of linear layers that read one input run as one matmul each")
-            trainer.train(resume_from_checkpoint=checkpoint)
+        trainer.train(resume_from_checkpoint=checkpoint)
     seconds = time.perf_counter() - start
     adapter_dir = out_dir / "adapter"
     if not trainer.is_world_process_zero():  # under `accelerate launch`, the main process writes the results
@@ -257,118 +245,6 @@ def keep_trainable_fp32(model) -> None:
     for param in model.parameters():
         if param.requires_grad and param.dtype == torch.bfloat16:
             param.data = param.data.float()
-
-
-#: Projections of a decoder layer that read the same input, in the order the layer calls them.
-SHARED_INPUT_SETS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-
-
-@contextlib.contextmanager
-def fused_shared_inputs(model, sets=SHARED_INPUT_SETS):
-    """Run the frozen linear layers that read one input (q/k/v, gate/up), with their LoRA adapters, as
-    one matmul for the base, one for the adapters' A and one for their B (block-diagonal).
-
-    The layers keep their own parameters (the base weights become views of one concatenated tensor),
-    so checkpoints and merging see the usual model. Fewer, larger matmuls made training 1.06-1.12 times
-    faster on a 2-core CPU (docs/performance.md). A layer called out of order, or with its adapter off,
-    merged or not plain LoRA, runs its own forward as before.
-    """
-    groups = [_SharedInput(layers) for module in model.modules() for names in sets
-              if (layers := _fusable([getattr(module, n, None) for n in names]))]
-    try:
-        yield len(groups)
-    finally:
-        for group in groups:
-            group.restore()
-
-
-def _fusable(layers: list) -> list | None:
-    """``layers`` if each is a frozen plain Linear without bias, or a plain LoRA layer over one (at least one
-    is), all of one dtype."""
-    import torch
-    from peft.tuners.lora import LoraLayer
-
-    bases = [getattr(layer, "base_layer", layer) for layer in layers]
-    if None in layers or not all(type(b) is torch.nn.Linear and b.bias is None and not b.weight.requires_grad
-                                 and (b is layer or isinstance(layer, LoraLayer) and not layer.lora_variant)
-                                 for b, layer in zip(bases, layers)):
-        return None
-    return layers if bases != layers and len({b.weight.dtype for b in bases}) == 1 else None
-
-
-class _SharedInput:
-    """Layers of one shared input: the first call computes all their outputs, the next calls hand them out."""
-
-    def __init__(self, layers: list):
-        self.layers = layers
-        self.bases = [getattr(layer, "base_layer", layer) for layer in layers]
-        self.sizes = [b.out_features for b in self.bases]
-        self._concatenate()
-        self.pending: list | None = None  # [input, outputs, index of the next layer to call]
-        for i, layer in enumerate(layers):
-            layer.forward = self._member(i, layer.forward)
-
-    def _concatenate(self) -> None:
-        """One weight for the group, each layer's weight a view of its rows."""
-        import torch
-
-        self.weight = torch.cat([b.weight.data for b in self.bases])
-        for base, part in zip(self.bases, self.weight.split(self.sizes)):
-            base.weight.data = part
-        self.pointers = [b.weight.data_ptr() for b in self.bases]
-
-    def restore(self) -> None:
-        for layer in self.layers:
-            del layer.forward  # the instance attribute set above; the class's forward shows again
-
-    def _adapters(self) -> list | None:
-        """(layer, adapter name) of the adapted layers, or None where one needs peft's own forward."""
-        adapters = []
-        for layer, base in zip(self.layers, self.bases):
-            if layer is base:
-                continue
-            active = list(layer.active_adapters)
-            if layer.disable_adapters or layer.merged or len(active) != 1 or active[0] not in layer.lora_A \
-                    or active[0] in layer.lora_variant or layer.lora_B[active[0]].bias is not None:
-                return None
-            adapters.append((layer, active[0]))
-        return adapters
-
-    def _outputs(self, x, adapters: list):
-        import torch
-        import torch.nn.functional as F
-
-        if [b.weight.data_ptr() for b in self.bases] != self.pointers:  # moved or replaced since: join them again
-            self._concatenate()
-        y = F.linear(x, self.weight)
-        a = torch.cat([layer.lora_A[name].weight for layer, name in adapters])
-        xa = x.to(a.dtype)  # peft runs each adapter in its weights' dtype
-        if all(isinstance(layer.lora_dropout[name], torch.nn.Identity) for layer, name in adapters):
-            u = F.linear(xa, a)
-        else:  # each layer draws its own dropout mask, as peft does
-            u = torch.cat([F.linear(layer.lora_dropout[name](xa), layer.lora_A[name].weight.to(a.dtype))
-                           for layer, name in adapters], dim=-1)
-        scaled = {id(layer): layer.lora_B[name].weight * layer.scaling[name] for layer, name in adapters}
-        b = torch.block_diag(*(scaled[id(layer)].to(u.dtype) if id(layer) in scaled else u.new_zeros(size, 0)
-                               for layer, size in zip(self.layers, self.sizes)))
-        return (y + F.linear(u, b).to(y.dtype)).split(self.sizes, dim=-1)
-
-    def _member(self, i: int, own_forward):
-        def forward(x, *args, **kwargs):
-            if i == 0:
-                self.pending = None
-                if not args and not kwargs and (adapters := self._adapters()) is not None:
-                    self.pending = [x, self._outputs(x, adapters), 1]
-                    return self.pending[1][0]
-            pending = self.pending
-            if pending is not None and pending[0] is x and pending[2] == i and not args and not kwargs:
-                pending[2] += 1
-                if pending[2] == len(self.layers):
-                    self.pending = None
-                return pending[1][i]
-            return own_forward(x, *args, **kwargs)
-
-        return forward
 
 
 def plot_loss(history: list[dict], path: Path) -> None:
@@ -502,10 +378,7 @@ def _answer_only_trainer(base_cls, anchor_kl: float = 0.0, share_prefix: bool = 
             loss = total / torch.as_tensor(count).clamp(min=1)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * self.accelerator.num_processes
-            if "attention_mask" in inputs:
-                self._total_train_tokens += int(inputs["attention_mask"].sum())
-            else:
-                self._total_train_tokens += inputs["position_ids"].size(1)
+            self._total_train_tokens += int(inputs["attention_mask"].sum())
             self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
             return loss
 
