@@ -529,3 +529,90 @@ def test_linear_patterns_still_match_what_they_should():
         == ["how much", "how much", "which contact"]
     assert generators.sentences("See [the guide](https://x.io).\n\n```\ncode\n```\nThe lamp is done.") == \
         ["See the guide.", "The lamp is done."]
+
+
+# --- Amplification and size of knowledge-base files -----------------------------------------------------------
+
+def _aliased_qna(copies: int, items: int) -> str:
+    qa = "".join(f"  - question: What is item {i}?\n    answer: Item {i} is a lamp.\n" for i in range(items))
+    return ("qa: &qa\n" + qa + "example: &e\n  context: lamps\n  questions_and_answers: *qa\n"
+            "seed_examples:\n" + "".join("  - *e\n" for _ in range(copies)))
+
+
+def test_yaml_aliases_cannot_expand_a_small_file_into_millions_of_pairs(tmp_path, caplog):
+    import logging
+    import time
+
+    from agentpeft.pipeline.ingest import ingest
+
+    (tmp_path / "good.md").write_text("## Is the lamp bright?\n\nYes, 650 lumens.\n")
+    bomb = tmp_path / "qna.yaml"
+    bomb.write_text(_aliased_qna(copies=3000, items=300))  # 45 KB that stood for 900,000 pairs
+    assert bomb.stat().st_size < 50_000
+    start = time.perf_counter()
+    with caplog.at_level(logging.WARNING):
+        docs = ingest(tmp_path)
+    assert time.perf_counter() - start < 30
+    assert [d.metadata["source"] for d in docs] == [str(tmp_path / "good.md")]
+    assert "qna.yaml" in caplog.text and "YAML aliases" in caplog.text
+    with pytest.raises(AgentpeftError, match=r"qna\.yaml:\d+: more than 16 YAML aliases"):
+        ingest(tmp_path, strict=True)
+    # A few aliases, as a file that repeats a context, still load.
+    bomb.write_text(_aliased_qna(copies=3, items=2))
+    assert len(ingest(bomb)) == 6
+
+
+def test_a_file_over_the_size_limit_is_skipped_naming_it_and_the_limit(tmp_path, caplog, monkeypatch):
+    import logging
+
+    from agentpeft.pipeline.ingest import ingest
+
+    (tmp_path / "good.md").write_text("## Is the lamp bright?\n\nYes, 650 lumens.\n")
+    (tmp_path / "huge.md").write_text("## Big?\n\n" + "The lamp is bright. " * 3000)  # 60 KB
+    monkeypatch.setenv("AGENTPEFT_MAX_FILE_MB", "0.05")
+    with caplog.at_level(logging.WARNING):
+        docs = ingest(tmp_path)
+    assert {d.metadata["source"] for d in docs} == {str(tmp_path / "good.md")}
+    warning = [r.getMessage() for r in caplog.records if "huge.md" in r.getMessage()]
+    assert len(warning) == 1 and "\n" not in warning[0] and "over the 0.05 MB limit per file" in warning[0]
+    with pytest.raises(AgentpeftError, match=r"huge\.md \(0 MB, over the 0\.05 MB limit.*AGENTPEFT_MAX_FILE_MB"):
+        ingest(tmp_path, strict=True)
+    assert len(ingest(tmp_path, max_file_mb=1)) > 1  # the limit is the caller's to raise
+    monkeypatch.setenv("AGENTPEFT_MAX_FILE_MB", "lots")
+    with pytest.raises(AgentpeftError, match="AGENTPEFT_MAX_FILE_MB='lots' is not a positive number"):
+        ingest(tmp_path)
+    monkeypatch.delenv("AGENTPEFT_MAX_FILE_MB")
+    from agentpeft.pipeline import ingest as module
+
+    assert module.max_file_mb() == 50
+
+
+def test_a_file_yielding_too_many_sections_is_skipped(tmp_path, caplog, monkeypatch):
+    import logging
+
+    from agentpeft.pipeline import ingest as module
+
+    monkeypatch.setattr(module, "MAX_SECTIONS_PER_FILE", 5)
+    (tmp_path / "good.md").write_text("## Is the lamp bright?\n\nYes, 650 lumens.\n")
+    (tmp_path / "many.csv").write_text("question,answer\n" + "".join(f"Q{i}?,A{i}.\n" for i in range(6)))
+    with caplog.at_level(logging.WARNING):
+        docs = module.ingest(tmp_path)
+    assert len(docs) == 1 and "many.csv (6 sections, over the 5 limit per file" in caplog.text
+
+
+def test_pypdf_is_a_release_whose_filters_bound_their_output():
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from pypdf import __version__ as installed, filters
+    from packaging.version import Version
+
+    from conftest import ROOT
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    [pypdf] = [Requirement(d) for d in deps if Requirement(d).name == "pypdf"]
+    assert not pypdf.specifier.contains("6.10.1") and pypdf.specifier.contains("6.10.2")
+    assert Version(installed) >= Version("6.10.2")
+    for limit in ("ZLIB_MAX_OUTPUT_LENGTH", "LZW_MAX_OUTPUT_LENGTH", "RUN_LENGTH_MAX_OUTPUT_LENGTH",
+                  "MAX_DECLARED_STREAM_LENGTH", "FLATE_MAX_BUFFER_SIZE"):
+        assert 0 < getattr(filters, limit) <= 100 * 2**20, limit

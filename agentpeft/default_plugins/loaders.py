@@ -819,11 +819,38 @@ def _scalar(path: Path, node: yaml.Node | None, what: str) -> str:
     return node.value
 
 
+#: Most aliases (``*name``) a YAML file may use: each one repeats a whole node, so a few nested ones
+#: expand a small file into millions of pairs ("billion laughs").
+MAX_YAML_ALIASES = 16
+
+
+class _FewAliasesLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a document with more than MAX_YAML_ALIASES aliases."""
+
+    aliases = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            self.aliases += 1
+            if self.aliases > MAX_YAML_ALIASES:
+                mark = self.peek_event().start_mark
+                raise AgentpeftError(f"{self.name}:{mark.line + 1}: more than {MAX_YAML_ALIASES} YAML aliases (*name), "
+                                     "which can expand a small file without bound; write the values out")
+        return super().compose_node(parent, index)
+
+
 def load_yaml(path: Path) -> list[Document]:
-    """InstructLab-style ``qna.yaml``: ``seed_examples`` of question/answer pairs (flat, or under a ``context``)."""
+    """InstructLab-style ``qna.yaml``: ``seed_examples`` of question/answer pairs (flat, or under a ``context``).
+
+    A file with more than MAX_YAML_ALIASES aliases is refused."""
     text = read_text(path)
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        loader = _FewAliasesLoader(text)
+        loader.name = str(path)
+        try:
+            root = loader.get_single_node()
+        finally:
+            loader.dispose()
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         raise AgentpeftError(f"{path}:{mark.line + 1 if mark else 1}: invalid YAML ({exc.problem or exc.context}); "

@@ -26,6 +26,27 @@ from ..progress import bar
 
 log = logging.getLogger(__name__)
 
+#: Largest knowledge-base file read, in MB, unless AGENTPEFT_MAX_FILE_MB or ``max_file_mb`` says otherwise:
+#: a bigger file is skipped (an error under ``strict``) before a byte of it is read.
+MAX_FILE_MB = 50.0
+#: Most sections (chunks, pairs) one file may yield: a file that expands past it is skipped.
+MAX_SECTIONS_PER_FILE = 100_000
+
+
+def max_file_mb() -> float:
+    """The per-file size limit: AGENTPEFT_MAX_FILE_MB when set to a positive number, else MAX_FILE_MB."""
+    raw = os.environ.get("AGENTPEFT_MAX_FILE_MB", "").strip()
+    if not raw:
+        return MAX_FILE_MB
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not value > 0 or value == float("inf"):
+        raise AgentpeftError(f"AGENTPEFT_MAX_FILE_MB={raw!r} is not a positive number of megabytes; "
+                             "set it to one (e.g. 200) or unset it for the default of 50")
+    return value
+
 
 @dataclass(frozen=True)
 class Loader:
@@ -141,13 +162,17 @@ def _listing(kb: Path, items: list[tuple[Path, str]]) -> str:
 
 
 def ingest(kb: Path | str, loaders: list[str] | None = None, options: dict[str, dict] | None = None,
-           chunk_size: int = 1500, chunk_overlap: int = 150, strict: bool = False) -> list[Document]:
+           chunk_size: int = 1500, chunk_overlap: int = 150, strict: bool = False,
+           max_file_mb: float | None = None) -> list[Document]:
     """Load every file under ``kb`` (a file or a folder, read recursively) that one of the named loaders reads.
 
     ``options`` maps a loader name to its keyword options (the recipe's ``data.loader_options``);
-    ``chunk_size``/``chunk_overlap`` (characters) go to the loaders that chunk prose.
+    ``chunk_size``/``chunk_overlap`` (characters) go to the loaders that chunk prose. A file larger
+    than ``max_file_mb`` (default: :func:`max_file_mb`) or yielding more than MAX_SECTIONS_PER_FILE
+    sections is skipped like an unreadable one, its reason naming the limit.
     """
     kb = Path(kb)
+    limit_mb = globals()["max_file_mb"]() if max_file_mb is None else max_file_mb
     available = get_loaders()
     names = loaders or list(available)
     unknown = [n for n in names if n not in available]
@@ -188,6 +213,14 @@ def ingest(kb: Path | str, loaders: list[str] | None = None, options: dict[str, 
     for path in bar(iterable=files, desc="ingest", unit="file"):
         loader = by_suffix[path.suffix.lower()]
         try:
+            size = path.stat().st_size
+        except OSError:
+            size = 0  # the loader reports what is wrong with it
+        if size > limit_mb * 1e6:
+            problems.append((path, f"{size / 1e6:.0f} MB, over the {limit_mb:g} MB limit per file; split it, "
+                                   "or raise the limit with AGENTPEFT_MAX_FILE_MB"))
+            continue
+        try:
             got = loader.load(path, **kwargs[loader.name])
         except SkipFile as exc:
             (empty if exc.reason == "empty" else problems).append((path, exc.reason))
@@ -199,6 +232,9 @@ def ingest(kb: Path | str, loaders: list[str] | None = None, options: dict[str, 
             continue
         if not got:
             empty.append((path, "nothing to load"))
+        elif len(got) > MAX_SECTIONS_PER_FILE:
+            problems.append((path, f"{len(got)} sections, over the {MAX_SECTIONS_PER_FILE} limit per file; split it"))
+            continue
         documents.extend(got)
 
     if problems and strict:
