@@ -250,13 +250,14 @@ def test_prose_generator_is_extractive_and_grounded():
         assert "hearth --reset" not in pair.answer
     by_key = {p.key: p for p in pairs}
     assert by_key["$59"].answer == "The Hearth Hub costs $59."
-    assert by_key["$59"].question == "The Hearth Hub costs how much?"
-    assert by_key["10 seconds"].question == "You can reset the hub by holding the pin button for how long?"
+    # Trained: the fact's topic in a few words, in two orders; held out (last): its sentence asked back.
+    assert by_key["$59"].question == "How much: Hearth Hub costs (Hearth Hub setup)?"
+    assert by_key["$59"].paraphrases == ["Hearth Hub setup: Hearth Hub costs, how much?",
+                                         "The Hearth Hub costs how much?"]
+    assert by_key["10 seconds"].paraphrases[-1] == "You can reset the hub by holding the pin button for how long?"
     assert by_key["3 minutes"].answer == "Firmware updates take 3 minutes."
-    # Each figure question comes with a framed and a keyword phrasing; the keyword one (held out) reorders.
-    framed, keyword = by_key["$59"].paraphrases
-    assert framed == "Hearth Hub setup: the Hearth Hub costs how much?"
-    assert keyword.startswith("How much: ") and "Hearth Hub" in keyword
+    for pair in pairs:  # no trained phrasing repeats its answer sentence
+        assert all(q.rstrip("?").lower() not in pair.answer.lower() for q in [pair.question, *pair.paraphrases[:-1]])
     assert list(prose_pairs(docs)) == pairs  # deterministic
 
 

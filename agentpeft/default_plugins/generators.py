@@ -191,7 +191,13 @@ _QUALIFIER = re.compile(r"^(?:up to|at most|at least|maximum of|minimum of)\s+",
 
 
 def _figure_questions(sentence: str, heading: str) -> list[tuple[str, list[str], str]]:
-    """For each fact a sentence states: a question about it, two other phrasings, and the fact (the key)."""
+    """For each fact a sentence states: a question about it, two other phrasings, and the fact (the key).
+
+    The trained phrasings name the fact's topic in a few content words ("How much: Hearth Hub costs?",
+    "Hearth Hub costs, how much?"), as a user's question names it among words of their own; the sentence
+    itself with the fact asked for ("The Hearth Hub costs how much?") is held out. A question that echoes
+    its answer sentence would teach the model to answer by repeating the question.
+    """
     out = []
     for match, wh in _slots(sentence):
         fact = match.group(0).strip().rstrip(".,;")
@@ -207,8 +213,8 @@ def _figure_questions(sentence: str, heading: str) -> list[tuple[str, list[str],
         topic = " ".join(_content_words(f"{before} {after}", 7))
         about = heading if heading and heading.lower() not in topic.lower() else ""
         keyword = f"{wh[0].upper()}{wh[1:]}: {topic}{f' ({about})' if about else ''}?"
-        framed = f"{about}: {echo[0].lower()}{echo[1:]}" if about else f"Could you tell me: {echo[0].lower()}{echo[1:]}"
-        out.append((echo, [framed, keyword], _QUALIFIER.sub("", fact)))
+        inverted = f"{about}: {topic}, {wh}?" if about else f"{topic[0].upper()}{topic[1:]}, {wh}?"
+        out.append((keyword, [inverted, echo], _QUALIFIER.sub("", fact)))
     return out
 
 
@@ -226,9 +232,9 @@ def prose_pairs(documents):
 
     Each section gives an overview question answered by its opening sentences, and every sentence that
     states a figure, time, day, code, count or contact (or matches a how-to or definition pattern) gives
-    a question about it, answered by that sentence, whose key is the stated fact. Each question comes
-    with two more phrasings (a framed one and a keyword one, held out), so that a held-out phrasing has
-    other words in another order. Question headings and question/answer documents are left to the faq
+    a question about it, answered by that sentence, whose key is the stated fact. Each fact is asked in
+    two keyword phrasings (trained) and as its sentence with the fact asked for (held out), so that a
+    held-out phrasing has other words in another order. Question headings and question/answer documents are left to the faq
     and qa generators.
     """
     for doc in documents:

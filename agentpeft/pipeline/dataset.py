@@ -637,8 +637,9 @@ def kb_hash(kb: Path) -> str:
     return digest.hexdigest()
 
 
-#: Bumped when the columns of a dataset row change, so that cached datasets are rebuilt.
-DATASET_FORMAT = 3
+#: Bumped when the rows a dataset holds change (their columns, or what a built-in generator writes), so that
+#: cached datasets are rebuilt.
+DATASET_FORMAT = 4
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                     "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt", "config.json")
