@@ -137,7 +137,7 @@ class Server:
     """The model behind the endpoint and the request handling, apart from HTTP."""
 
     def __init__(self, name: str, version: int | None = None):
-        from .langchain import load_llm
+        from .chat_models import load_llm
 
         self.llm = load_llm(name, version)
         self.model_id = self.llm.model_id  # NAME@VERSION
@@ -348,8 +348,9 @@ class _Guard:
         port = str((scope.get("server") or (None, None))[1])
         host, host_port = _split_host(headers.get("host", ""))
         if _normal_host(host) not in self.hosts or host_port not in (None, port):
-            return RequestError(400, "invalid Host header: this server answers requests to "
-                                     f"{', '.join(sorted(self.hosts))} on port {port} only", code="invalid_host")
+            return RequestError(400, "invalid Host header: this server answers requests addressed to this machine "
+                                     "(localhost, or a name given with --allowed-host) on its own port",
+                                code="invalid_host")
         origin = headers.get("origin")
         if origin is not None:
             try:
@@ -638,8 +639,8 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def make_server(name: str, host: str = "127.0.0.1", port: int = 8000, version: int | None = None,
-                log=None, *, api_key: str | None = None, max_queue: int = MAX_QUEUE,
+def make_server(name: str, host: str = "127.0.0.1", port: int = 8000, version: int | None = None, *,
+                api_key: str | None = None, max_queue: int = MAX_QUEUE,
                 limit_concurrency: int = LIMIT_CONCURRENCY, header_timeout: float = HEADER_TIMEOUT,
                 body_timeout: float = BODY_TIMEOUT, keep_alive: int = KEEP_ALIVE,
                 allowed_hosts: tuple[str, ...] = (), log_config: dict | None = None) -> ModelServer:
@@ -651,9 +652,9 @@ def make_server(name: str, host: str = "127.0.0.1", port: int = 8000, version: i
     """
     from .errors import AgentpeftError
 
-    for value, what in ((max_queue, "max_queue"), (limit_concurrency, "limit_concurrency")):
-        if value < (0 if what == "max_queue" else 1):
-            raise AgentpeftError(f"{what} must be at least {0 if what == 'max_queue' else 1}, not {value}")
+    if max_queue < 0 or limit_concurrency < 1:
+        raise AgentpeftError(f"max_queue must be at least 0 ({max_queue}) and limit_concurrency at least 1 "
+                             f"({limit_concurrency})")
     sock = _bind(host, port)
     try:
         model = Server(name, version)

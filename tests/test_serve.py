@@ -89,7 +89,8 @@ def _raw(httpd, data: bytes, wait: float = 10.0, then: bytes = b"") -> bytes:
 
 def _head(httpd, method: str = "POST", path: str = CHAT, **headers) -> bytes:
     host, port = httpd.server_address
-    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}:{port}", *(f"{k.replace('_', '-')}: {v}" for k, v in headers.items())]
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}:{port}",
+             *(f"{k.replace('_', '-')}: {v}" for k, v in headers.items())]
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
@@ -349,10 +350,10 @@ def _until(condition, timeout: float = 30) -> None:
 @pytest.fixture
 def generation_steps(monkeypatch):
     """Slows generation to 20 ms a token and records, per step, whether the cancellation stopped it."""
-    from agentpeft import langchain
+    from agentpeft import chat_models
 
     steps: list[bool] = []
-    real = langchain._StopOnEvent.__call__
+    real = chat_models._StopOnEvent.__call__
 
     def step(self, input_ids, scores, **kwargs):
         time.sleep(0.02)
@@ -360,7 +361,7 @@ def generation_steps(monkeypatch):
         steps.append(bool(done.all()))
         return done
 
-    monkeypatch.setattr(langchain._StopOnEvent, "__call__", step)
+    monkeypatch.setattr(chat_models._StopOnEvent, "__call__", step)
     return steps
 
 
