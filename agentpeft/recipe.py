@@ -9,7 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import AgentpeftError
-from .plugins import collect_by_plugin, package_of
+from .plugins import _record_hook_failure, collect_by_plugin, package_of
 
 
 class _Strict(BaseModel):
@@ -193,6 +193,9 @@ class Recipe(_Strict):
             raw = yaml.safe_load(path.read_text(encoding="utf-8"))
         except OSError as exc:
             raise AgentpeftError(f"cannot read recipe file {path}: {exc.strerror}") from None
+        except UnicodeDecodeError as exc:
+            raise AgentpeftError(f"cannot read recipe file {path}: not UTF-8 text (byte {exc.start}); "
+                                 "give a YAML recipe file") from None
         except yaml.YAMLError as exc:  # its own message spans several lines: keep the gist and where
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -221,7 +224,11 @@ def recipe_sources() -> dict[str, tuple[Recipe, str]]:
     the plugin's distribution); when two register the same name, the first one called wins."""
     recipes: dict[str, tuple[Recipe, str]] = {}
     for plugin_name, item in collect_by_plugin("register_recipes"):
-        recipe = item if isinstance(item, Recipe) else Recipe.from_file(item)
+        try:
+            recipe = item if isinstance(item, Recipe) else Recipe.from_file(item)
+        except AgentpeftError as exc:  # one broken recipe file: reported by `agentpeft plugins`, the others still work
+            _record_hook_failure(plugin_name, f"register_recipes ({Path(str(item)).name})", exc)
+            continue
         recipes.setdefault(recipe.name, (recipe, package_of(plugin_name)))
     return recipes
 

@@ -277,6 +277,27 @@ def test_a_symlinked_lock_file_is_refused_and_its_target_untouched(home, tmp_pat
     assert not (tmp_path / "created-through-the-link").exists()
 
 
+
+def test_a_symlinked_build_lock_is_refused_and_its_target_untouched(home, tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    lock = home / "locks" / "build-bot.lock"
+    lock.parent.mkdir(parents=True)
+    lock.symlink_to(victim)
+    # --lr -1 would fail as soon as the build starts: the lock is taken before that
+    result = CliRunner().invoke(cli, ["build", "support-bot", "--name", "bot", "--lr", "-1", "--quiet"])
+    _one_line_error(result, f"lock file {lock} is a symbolic link")
+    assert victim.read_text() == "precious"
+    dangling = home / "locks" / "build-new.lock"
+    dangling.symlink_to(tmp_path / "created-through-the-link")
+    _one_line_error(CliRunner().invoke(cli, ["build", "support-bot", "--name", "new", "--lr", "-1", "--quiet"]),
+                    "is a symbolic link")
+    assert not (tmp_path / "created-through-the-link").exists()
+    # A plain lock file still works: the same command gets as far as its bad option.
+    lock.unlink()
+    _one_line_error(CliRunner().invoke(cli, ["build", "support-bot", "--name", "bot", "--lr", "-1", "--quiet"]),
+                    "--lr")
+
 # --- The pickle gate checks the files that will be loaded ------------------------------------------------
 
 
@@ -616,3 +637,40 @@ def test_pypdf_is_a_release_whose_filters_bound_their_output():
     for limit in ("ZLIB_MAX_OUTPUT_LENGTH", "LZW_MAX_OUTPUT_LENGTH", "RUN_LENGTH_MAX_OUTPUT_LENGTH",
                   "MAX_DECLARED_STREAM_LENGTH", "FLATE_MAX_BUFFER_SIZE"):
         assert 0 < getattr(filters, limit) <= 100 * 2**20, limit
+
+
+# --- A broken recipe file of a plugin -----------------------------------------------------------------------
+
+def test_a_plugins_invalid_recipe_file_is_reported_and_the_other_recipes_keep_working(install_plugin, tmp_path,
+                                                                                     monkeypatch):
+    import types
+
+    from agentpeft import plugins
+    from agentpeft.hookspecs import hookimpl
+    from agentpeft.recipe import Recipe, get_recipe, get_recipes
+
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: acme-broken\nsystem_prompt: x\ntrain:\n  lr: -1\n")
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00 not text")
+    plugin = types.ModuleType("acme_recipes")
+
+    @hookimpl
+    def register_recipes(register):
+        register(broken)
+        register(binary)
+        register(Recipe(name="acme-good", system_prompt="You help.", knowledge_base=tmp_path))
+
+    plugin.register_recipes = register_recipes
+    monkeypatch.setattr(plugins, "failed_plugins", {})
+    monkeypatch.setattr(plugins, "hook_failures", {})
+    install_plugin(plugin, "acme-recipes", "acme-recipes")
+    recipes = get_recipes()
+    assert "acme-good" in recipes and "support-bot" in recipes and "acme-broken" not in recipes
+    assert get_recipe("support-bot").name == "support-bot"
+    listed = CliRunner().invoke(cli, ["recipes"])
+    assert listed.exit_code == 0 and "acme-good" in listed.output and "support-bot" in listed.output
+    out = CliRunner().invoke(cli, ["plugins"]).output
+    assert "FAILED acme-recipes" in out and "broken.yaml" in out and "field 'train.lr'" in out
+    with pytest.raises(AgentpeftError, match="not UTF-8 text"):
+        Recipe.from_file(binary)

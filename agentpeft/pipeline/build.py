@@ -20,7 +20,7 @@ from ..errors import AgentpeftError, disk_error
 from ..models import ALIASES, accepts_allow_pickle, base_info, home, load_tokenizer, resolve_base
 from ..recipe import Recipe, configure, get_recipe
 from ..progress import set_enabled
-from ..registry import check_name, publish
+from ..registry import _open_lock, check_name, publish
 from ..retrieval import KB_FILE, save_chunks
 from .dataset import make_dataset
 from .evaluate import EvalResult, evaluate
@@ -63,7 +63,8 @@ def _exclusive(run: Callable[..., BuildResult]) -> Callable[..., BuildResult]:
         try:
             lock_path = home() / "locks" / f"build-{name}.lock"
             lock_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(lock_path, "a+") as lock:
+            # never through a symbolic link: opening one would create or truncate the file it points to
+            with os.fdopen(_open_lock(lock_path), "r+") as lock:
                 try:
                     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
@@ -72,6 +73,7 @@ def _exclusive(run: Callable[..., BuildResult]) -> Callable[..., BuildResult]:
                     raise AgentpeftError(
                         f"another build of {name!r} is running (pid {holder}, lock {lock_path}); "
                         f"wait for it to finish or build under another --name") from None
+                lock.seek(0)
                 lock.truncate(0)
                 lock.write(f"{os.getpid()}\n")
                 lock.flush()
