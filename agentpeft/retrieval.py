@@ -131,12 +131,17 @@ class BM25Index:
         return [(self.documents[i], float(scores[i])) for i in order[:k] if scores[i] > 0]
 
 
+#: A passage line that starts like a label of the prompt ("Question:", "Passages:", "[2]"): quoted with "> ", so
+#: that knowledge-base text cannot pose as the user's question or open passages of its own.
+_LABEL_LINE = re.compile(r"(?im)^(\s*(?:question|passages)\s*:|\s*\[\d+\])")
+
+
 def augment_question(question: str, found: list[Document]) -> str:
     """The user turn of retrieval-augmented mode: numbered passages, then the question (the question alone
     when no passage shares a word with it, as for a general question)."""
     if not found:
         return question
-    lines = [f"[{i}] {passage_text(d)}" for i, d in enumerate(found, 1)]
+    lines = [f"[{i}] " + _LABEL_LINE.sub(r"> \1", passage_text(d)) for i, d in enumerate(found, 1)]
     return "Passages:\n" + "\n".join(lines) + f"\n\nQuestion: {question}"
 
 
