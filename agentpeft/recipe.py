@@ -13,7 +13,8 @@ from .plugins import _record_hook_failure, collect_by_plugin, package_of
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Unknown keys are typos; inf and nan pass every bound (``--lr inf`` would start a build).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class DataConfig(_Strict):

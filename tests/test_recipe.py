@@ -54,3 +54,12 @@ def test_top_level_api_has_the_cli_verbs():
     assert agentpeft.build is build
     for verb in ("evaluate_model", "pull_model", "list_models", "show", "remove", "export", "write_report", "load_llm"):
         assert callable(getattr(agentpeft, verb))
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-inf"])
+def test_infinite_or_nan_settings_are_refused(value):
+    from agentpeft.errors import AgentpeftError
+    from agentpeft.recipe import configure
+
+    with pytest.raises((AgentpeftError, ValueError)):
+        configure("support-bot", lr=float(value))
