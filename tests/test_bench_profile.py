@@ -20,5 +20,6 @@ def test_profile_train_groups_a_steps_cpu_time(registered, tiny_base, tmp_path):
     groups = {row["group"]: row for row in result["groups"]}
     assert {"mm: base model", "mm: LoRA adapter", "mm: LM head"} <= set(groups)
     assert groups["mm: LM head"]["calls"] < groups["mm: base model"]["calls"] < groups["mm: LoRA adapter"]["calls"]
-    assert all(row["share"] > 0 for row in result["groups"]) and sum(row["share"] for row in result["groups"]) <= 1
+    shares = [row["share"] for row in result["groups"]]
+    assert all(share >= 0 for share in shares) and abs(sum(shares) - 1) < 0.01  # every group is in the file
     assert result["profiled_steps"] == 1 and result["self_cpu_ms"] > 0
