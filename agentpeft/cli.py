@@ -71,12 +71,16 @@ TRAIN_OPTIONS = (
 DATA_MIX_OPTIONS = (
     click.option("--train-phrasings", type=int, help="Question phrasings per fact in train (the recipe's data mix)."),
     click.option("--general", type=int, help="General-knowledge pairs mixed into train against forgetting."),
+    click.option("--follow-external-links", is_flag=True, default=None,
+                 help="Also read knowledge-base files and folders whose symbolic links lead outside it "
+                      "(skipped by default, one warning each)."),
 )
 
 
 def _data_mix(options: dict) -> dict:
-    """Take the data-mix options out of ``options`` (the rest are training overrides)."""
-    return {name: options.pop(name) for name in ("train_phrasings", "general")}
+    """Take the data options (data mix, --follow-external-links) out of ``options`` (the rest are training
+    overrides)."""
+    return {name: options.pop(name) for name in ("train_phrasings", "general", "follow_external_links")}
 
 
 _RETRIEVAL = {None: None, "auto": "auto", "on": True, "off": False}

@@ -37,6 +37,9 @@ class DataConfig(_Strict):
     chunk_size: int = Field(1500, ge=50, description="prose chunk length in characters")
     chunk_overlap: int = Field(150, ge=0, description="characters shared by neighbouring chunks")
     strict: bool = Field(False, description="fail on knowledge-base files that cannot be read, not skip them")
+    follow_external_links: bool = Field(False, description=(
+        "also read files and folders of the knowledge base whose symbolic links resolve outside it; false: such "
+        "links are skipped, one warning line each, so a shared knowledge base cannot pull in other files"))
 
     @field_validator("chunk_overlap")
     @classmethod

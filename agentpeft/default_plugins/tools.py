@@ -73,7 +73,7 @@ def _chunks_source(recipe, model: str | None):
         if recipe is not None and recipe.kb_path is not None and Path(recipe.kb_path).exists():
             from ..pipeline.ingest import ingest
 
-            return ingest(recipe.kb_path, recipe.data.loaders)
+            return ingest(recipe.kb_path, recipe.data.loaders, follow_external_links=recipe.data.follow_external_links)
         raise ToolException("this model carries no knowledge base to search (rebuild it to store one)")
 
     return load

@@ -623,10 +623,15 @@ def _card_markdown(card: dict) -> str:
 
 # --- the stage's entry point, with caching ------------------------------------------------------
 
-def kb_hash(kb: Path) -> str:
-    """sha256 over every file of a knowledge base: relative path and bytes, in path order."""
+def kb_hash(kb: Path, loaders: list[str] | None = None, follow_external_links: bool = False) -> str:
+    """sha256 over the files of a knowledge base that ingest reads with these loaders: relative path and bytes,
+    in path order. Hidden files and folders (``.git``) are left out, as ingest leaves them; files reached
+    through a symbolic link (into a folder inside the knowledge base, or outside it with
+    ``follow_external_links``) are read through it, so editing them changes the hash."""
+    from .ingest import kb_files
+
     kb = Path(kb)
-    files = [kb] if kb.is_file() else sorted(p for p in kb.rglob("*") if p.is_file())
+    files = sorted(kb_files(kb, loaders, follow_external_links))
     digest = hashlib.sha256()
     for path in files:
         digest.update(str(path.relative_to(kb) if path != kb else path.name).encode())
@@ -657,7 +662,7 @@ def dataset_cache_key(recipe: "Recipe", base_dir: Path) -> str:
     tokenizer = {name: file_sha256(Path(base_dir) / name) for name in _TOKENIZER_FILES
                  if (Path(base_dir) / name).is_file()}
     payload = {
-        "kb": kb_hash(recipe.kb_path),
+        "kb": kb_hash(recipe.kb_path, recipe.data.loaders, recipe.data.follow_external_links),
         "data": recipe.data.model_dump(mode="json"),
         "system_prompt": recipe.system_prompt,
         "max_seq_len": recipe.train.max_seq_len,
@@ -717,7 +722,8 @@ def make_dataset(recipe: "str | Recipe", kb: str | Path | None = None, out: str 
     report = on_stage or (lambda stage, summary: None)
     d = recipe.data
     # Ingest first: it is fast and checks the knowledge base before any model is fetched.
-    documents = ingest(recipe.kb_path, d.loaders, d.loader_options, d.chunk_size, d.chunk_overlap, d.strict)
+    documents = ingest(recipe.kb_path, d.loaders, d.loader_options, d.chunk_size, d.chunk_overlap, d.strict,
+                       follow_external_links=d.follow_external_links)
     redactions = None
     if d.redact_pii:  # once, here: the teacher, the pairs and the registered kb.jsonl see redacted text only
         documents, redactions = redact_documents(documents)

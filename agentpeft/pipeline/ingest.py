@@ -5,7 +5,11 @@ YAML, JSONL, CSV or XML file) are skipped with one warning that lists them all w
 (``strict=True`` makes the first such file an error, with its file and line); empty files are
 skipped and named in the same warning. A knowledge base that yields no Document fails with a clear
 message naming the files and why. Hidden files and
-folders (a name starting with ".") are not read; symbolic links are followed, each folder once.
+folders (a name starting with ".") are not read. Symbolic links are followed, each folder once, while
+they resolve inside the knowledge base: a link that leads out of it (to ``/etc/passwd``, a home folder)
+is skipped with one warning line per link unless ``follow_external_links`` (the recipe's
+``data.follow_external_links``, ``--follow-external-links``) says to read it, so a shared knowledge base
+cannot pull other files into training data, ``kb.jsonl`` or a teacher's prompts.
 """
 
 from __future__ import annotations
@@ -97,14 +101,34 @@ def get_loaders() -> dict[str, Loader]:
     return {loader.name: loader for loader in collect("register_loaders")}
 
 
-def _walk(root: Path, suffixes: set[str], problems: list[tuple[Path, str]]) -> list[Path]:
-    """The non-hidden files under ``root`` with one of ``suffixes``, following links but entering each folder once."""
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _walk(root: Path, suffixes: set[str], problems: list[tuple[Path, str]], follow_external_links: bool = False,
+          external: list[tuple[Path, str]] | None = None) -> list[Path]:
+    """The non-hidden files under ``root`` with one of ``suffixes``, following links but entering each folder once.
+
+    A link whose target lies outside ``root`` (resolved) is left out and appended to ``external`` with its
+    target, unless ``follow_external_links``.
+    """
     files: list[Path] = []
     seen_dirs: set[tuple[int, int]] = set()
     seen_files: set[tuple[int, int]] = set()
+    real_root = os.path.realpath(root)
+    external = [] if external is None else external
 
     def unreadable(exc: OSError) -> None:
         problems.append((Path(exc.filename or root), f"unreadable folder ({exc.strerror or exc})"))
+
+    def leaves_root(path: str) -> bool:
+        if follow_external_links or not os.path.islink(path):
+            return False
+        target = os.path.realpath(path)
+        if _inside(target, real_root):
+            return False
+        external.append((Path(path), target))
+        return True
 
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=unreadable):
         try:
@@ -117,9 +141,11 @@ def _walk(root: Path, suffixes: set[str], problems: list[tuple[Path, str]]) -> l
             dirnames[:] = []
             continue
         seen_dirs.add((st.st_dev, st.st_ino))
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not leaves_root(os.path.join(dirpath, d)))
         for name in sorted(filenames):
             if name.startswith(".") or Path(name).suffix.lower() not in suffixes:
+                continue
+            if leaves_root(os.path.join(dirpath, name)):
                 continue
             path = Path(dirpath, name)
             try:
@@ -133,6 +159,22 @@ def _walk(root: Path, suffixes: set[str], problems: list[tuple[Path, str]]) -> l
                 seen_files.add((fst.st_dev, fst.st_ino))
                 files.append(path)
     return files
+
+
+def _suffixes(names: list[str] | None) -> dict[str, Loader]:
+    available = get_loaders()
+    return {s.lower(): available[n] for n in (names or list(available)) if n in available
+            for s in available[n].suffixes}
+
+
+def kb_files(kb: Path | str, loaders: list[str] | None = None, follow_external_links: bool = False) -> list[Path]:
+    """The files :func:`ingest` reads from ``kb`` with these loaders (those it skips as unreadable included):
+    what the dataset cache's hash covers."""
+    kb = Path(kb)
+    suffixes = _suffixes(loaders)
+    if kb.is_dir():
+        return _walk(kb, set(suffixes), [], follow_external_links)
+    return [kb] if kb.suffix.lower() in suffixes else []
 
 
 def _bind(loader: Loader, common: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
@@ -151,25 +193,27 @@ def _bind(loader: Loader, common: dict[str, Any], options: dict[str, Any]) -> di
     return kwargs
 
 
-def _listing(kb: Path, items: list[tuple[Path, str]]) -> str:
-    def name(path: Path) -> str:
-        try:
-            return str(path.relative_to(kb)) if kb.is_dir() else str(path)
-        except ValueError:
-            return str(path)
+def _name(kb: Path, path: Path) -> str:
+    try:
+        return str(path.relative_to(kb)) if kb.is_dir() else str(path)
+    except ValueError:
+        return str(path)
 
-    return ", ".join(f"{name(p)} ({why})" for p, why in items)
+
+def _listing(kb: Path, items: list[tuple[Path, str]]) -> str:
+    return ", ".join(f"{_name(kb, p)} ({why})" for p, why in items)
 
 
 def ingest(kb: Path | str, loaders: list[str] | None = None, options: dict[str, dict] | None = None,
            chunk_size: int = 1500, chunk_overlap: int = 150, strict: bool = False,
-           max_file_mb: float | None = None) -> list[Document]:
+           max_file_mb: float | None = None, follow_external_links: bool = False) -> list[Document]:
     """Load every file under ``kb`` (a file or a folder, read recursively) that one of the named loaders reads.
 
     ``options`` maps a loader name to its keyword options (the recipe's ``data.loader_options``);
     ``chunk_size``/``chunk_overlap`` (characters) go to the loaders that chunk prose. A file larger
     than ``max_file_mb`` (default: :func:`max_file_mb`) or yielding more than MAX_SECTIONS_PER_FILE
-    sections is skipped like an unreadable one, its reason naming the limit.
+    sections is skipped like an unreadable one, its reason naming the limit. A symbolic link that resolves
+    outside ``kb`` is skipped with a warning naming it and its target, unless ``follow_external_links``.
     """
     kb = Path(kb)
     limit_mb = globals()["max_file_mb"]() if max_file_mb is None else max_file_mb
@@ -191,8 +235,13 @@ def ingest(kb: Path | str, loaders: list[str] | None = None, options: dict[str, 
     if not kb.exists():
         raise AgentpeftError(f"knowledge base {kb} does not exist; point --kb at a folder of documents")
     problems: list[tuple[Path, str]] = []
+    external: list[tuple[Path, str]] = []
     if kb.is_dir():
-        files = _walk(kb, set(by_suffix), problems)
+        files = _walk(kb, set(by_suffix), problems, follow_external_links, external)
+        for link, target in external:
+            log.warning("ingest skipped %s: a symbolic link to %s, outside the knowledge base; pass "
+                        "--follow-external-links (data.follow_external_links: true) to read it",
+                        _name(kb, link), target)
     elif kb.suffix.lower() in by_suffix:
         if not kb.is_file():
             raise AgentpeftError(f"knowledge base {kb} is not a regular file or folder; point --kb at documents")
@@ -203,8 +252,10 @@ def ingest(kb: Path | str, loaders: list[str] | None = None, options: dict[str, 
             "rename the file or add its loader to data.loaders"
         )
     if not files and not problems:
+        links = (f" but {len(external)} symbolic link(s) out of it, skipped (--follow-external-links reads them)"
+                 if external else "")
         raise AgentpeftError(
-            f"knowledge base {kb} holds no file that the loaders read ({', '.join(sorted(by_suffix))}); "
+            f"knowledge base {kb} holds no file that the loaders read ({', '.join(sorted(by_suffix))}){links}; "
             "add documents or point --kb elsewhere"
         )
 
