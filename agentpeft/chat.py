@@ -6,12 +6,33 @@ import json
 from typing import Callable
 
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage, ToolMessage
-from langchain_core.tools import BaseTool
+from langchain_core.tools import BaseTool, StructuredTool
 
 from .errors import AgentpeftError
 
 HELP = ("/tools lists the tools; /TOOL ARGS runs one (ARGS: JSON, or text for its first field); "
         "/reset forgets the conversation; /exit (or Ctrl-D) quits.")
+
+
+def has_side_effects(tool: BaseTool) -> bool:
+    """Whether a tool changes something outside the conversation (opens a ticket, sends a message): a tool
+    says so with ``metadata={"side_effects": True}``, as ``create_ticket`` does."""
+    return bool((tool.metadata or {}).get("side_effects"))
+
+
+def confirmed(tool: BaseTool, confirm: Callable[[str], bool]) -> BaseTool:
+    """``tool`` asking ``confirm(question)`` before each run, whoever calls it (a /command or the model);
+    a declined call does nothing and returns a line saying so, which the model then reads."""
+
+    def run(**kwargs) -> str:
+        if not confirm(f"Run {tool.name} {json.dumps(kwargs, ensure_ascii=False, default=str)}?"):
+            return f"Not run: the user declined {tool.name}; nothing was done."
+        return str(tool.invoke(kwargs))
+
+    return StructuredTool.from_function(
+        func=run, name=tool.name, description=tool.description, args_schema=tool.args_schema,
+        metadata=tool.metadata, handle_tool_error=tool.handle_tool_error,
+        handle_validation_error=tool.handle_validation_error)
 
 
 def tool_arguments(tool: BaseTool, text: str) -> dict:
@@ -41,17 +62,22 @@ def run_tool_command(tools: dict[str, BaseTool], line: str) -> str:
 
 
 def chat(name: str, prompt: Callable[[], str], write: Callable[[str], None], agent: bool = False,
-         max_new_tokens: int = 256) -> None:
+         max_new_tokens: int = 256, confirm: Callable[[str], bool] | None = None) -> None:
     """The chat loop: ``prompt()`` reads a line (EOFError ends), ``write`` prints without a newline.
 
     Replies stream token by token. With ``agent`` the model may call the tools itself (a LangChain
-    agent with the specialist as its model); otherwise tools run on ``/TOOL ARGS`` commands.
+    agent with the specialist as its model); otherwise tools run on ``/TOOL ARGS`` commands. A tool with
+    side effects (:func:`has_side_effects`: ``create_ticket``) runs only when ``confirm(question)`` returns
+    True, so a knowledge-base page or a reply cannot open tickets on its own; without ``confirm`` every
+    such call is declined.
     """
     from .langchain import ask_tool_name, create_agent, get_tools, load_llm
 
     llm = load_llm(name, max_new_tokens=max_new_tokens)
-    tools = {t.name: t for t in get_tools(name) if t.name != ask_tool_name(llm.model_id)}
-    runner = create_agent(name, tools=list(tools)) if agent else None
+    ask = confirm or (lambda question: False)
+    tools = {t.name: confirmed(t, ask) if has_side_effects(t) else t
+             for t in get_tools(name) if t.name != ask_tool_name(llm.model_id)}
+    runner = create_agent(name, tools=list(tools.values())) if agent else None
     write(f"Chatting with {llm.model_id}. Tools: {', '.join(tools) or 'none'}. {HELP}\n")
     history: list[BaseMessage] = []
     while True:

@@ -371,9 +371,23 @@ def plugins(as_json):
 @click.option("--agent", is_flag=True, help="Let the model call its tools itself (needs a model that can; "
               "otherwise run them with /TOOL commands).")
 @click.option("--max-new-tokens", type=int, default=256, show_default=True, help="Longest reply, in tokens.")
-def chat(ref, agent, max_new_tokens):
+@click.option("--approve-tools", is_flag=True,
+              help="Run tools with side effects (create_ticket) without asking. By default each call, by a /command "
+                   "or by the model, asks y/N first, and is declined when stdin is not a terminal.")
+def chat(ref, agent, max_new_tokens, approve_tools):
     """Chat with a registered model (NAME[@VERSION]) in the terminal, with its recipe's tools."""
     from .chat import chat as run_chat
+
+    def confirm(question: str) -> bool:
+        if approve_tools:
+            return True
+        if not _stdin_is_a_terminal():
+            click.echo(f"{question} [y/N]: no (stdin is not a terminal; --approve-tools runs such tools)")
+            return False
+        try:
+            return click.confirm(question, default=False)
+        except click.exceptions.Abort:
+            return False
 
     def prompt() -> str:
         try:
@@ -385,7 +399,11 @@ def chat(ref, agent, max_new_tokens):
         click.echo(text, nl=False)
         sys.stdout.flush()
 
-    run_chat(ref, prompt, write, agent=agent, max_new_tokens=max_new_tokens)
+    run_chat(ref, prompt, write, agent=agent, max_new_tokens=max_new_tokens, confirm=confirm)
+
+
+def _stdin_is_a_terminal() -> bool:
+    return sys.stdin.isatty()
 
 
 @cli.command()

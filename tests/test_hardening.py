@@ -783,3 +783,114 @@ def test_data_command_skips_links_out_of_the_knowledge_base_unless_asked(tiny_ba
     assert result.exit_code == 0, result.output
     assert "hunter2" in (tmp_path / "followed" / "train.jsonl").read_text()
     assert len(list(cache_dir().iterdir())) == 2  # a dataset cached without the links is not reused with them
+
+
+# --- Tools with side effects ask first in agentpeft chat ----------------------------------------------------
+
+TICKET = '{"email": "cy@example.com", "subject": "Broken lamp", "body": "It will not turn on."}'
+
+
+class _FixedReply:
+    """Stands in for a registered model in the chat loop: every reply is "ok"."""
+
+    model_id = "bot@1"
+
+    def stream(self, messages):
+        from langchain_core.messages import AIMessageChunk
+
+        yield AIMessageChunk(content="ok")
+
+
+@pytest.fixture
+def chat_tools(home, monkeypatch):
+    """``agentpeft chat bot`` with a fixed-reply model and the real create_ticket tool; the tickets stored."""
+    from agentpeft import langchain
+    from agentpeft.default_plugins.tools import create_ticket_tool
+    from agentpeft.tickets import list_tickets
+
+    monkeypatch.setattr(langchain, "load_llm", lambda name, **kwargs: _FixedReply())
+    monkeypatch.setattr(langchain, "get_tools", lambda name: [create_ticket_tool("bot@1")])
+    return list_tickets
+
+
+def _chat(lines: list[str], **kwargs) -> str:
+    from agentpeft.chat import chat
+
+    feed = iter(lines)
+    out: list[str] = []
+
+    def prompt() -> str:
+        try:
+            return next(feed)
+        except StopIteration:
+            raise EOFError from None
+
+    chat("bot", prompt, out.append, **kwargs)
+    return "".join(out)
+
+
+def test_chat_runs_create_ticket_only_when_the_user_confirms(chat_tools):
+    asked: list[str] = []
+    out = _chat([f"/create_ticket {TICKET}"], confirm=lambda q: asked.append(q) or False)
+    assert "Not run: the user declined create_ticket; nothing was done." in out and chat_tools() == []
+    assert asked == [f"Run create_ticket {TICKET}?"]
+    out = _chat([f"/create_ticket {TICKET}"])  # no one to ask: declined
+    assert "Not run" in out and chat_tools() == []
+    out = _chat([f"/create_ticket {TICKET}"], confirm=lambda q: True)
+    [ticket] = chat_tools()
+    assert f"Ticket #{ticket['id']} created for cy@example.com." in out and ticket["subject"] == "Broken lamp"
+
+
+def test_a_tool_call_by_the_model_in_chat_asks_first(chat_tools, monkeypatch):
+    from langchain.agents import create_agent as langchain_create_agent
+    from langchain_core.language_models import BaseChatModel
+    from langchain_core.messages import AIMessage
+    from langchain_core.outputs import ChatGeneration, ChatResult
+
+    from agentpeft import langchain
+
+    class CallsCreateTicket(BaseChatModel):
+        @property
+        def _llm_type(self) -> str:
+            return "scripted"
+
+        def bind_tools(self, tools, **kwargs):
+            return self
+
+        def _generate(self, messages, stop=None, run_manager=None, **kwargs) -> ChatResult:
+            if any(isinstance(m, AIMessage) for m in messages):
+                reply = AIMessage("done")
+            else:  # what a knowledge-base page could talk the model into
+                reply = AIMessage("", tool_calls=[{"name": "create_ticket", "args": json.loads(TICKET), "id": "c1",
+                                                    "type": "tool_call"}])
+            return ChatResult(generations=[ChatGeneration(message=reply)])
+
+    monkeypatch.setattr(langchain, "create_agent",
+                        lambda name, tools: langchain_create_agent(CallsCreateTicket(), tools))
+    out = _chat(["open a ticket"], agent=True, confirm=lambda q: False)
+    assert "[create_ticket] Not run: the user declined" in out and chat_tools() == []
+    out = _chat(["open a ticket"], agent=True, confirm=lambda q: True)
+    assert "[create_ticket] Ticket #1 created for cy@example.com." in out and len(chat_tools()) == 1
+
+
+def test_chat_command_asks_y_n_and_declines_without_a_terminal(chat_tools, monkeypatch):
+    from agentpeft import cli as cli_module
+
+    runner = CliRunner()
+    command = f"/create_ticket {TICKET}\n"
+    result = runner.invoke(cli, ["chat", "bot"], input=command)
+    assert result.exit_code == 0, result.output
+    assert "[y/N]: no (stdin is not a terminal; --approve-tools runs such tools)" in result.output
+    assert "Not run" in result.output and chat_tools() == []
+
+    monkeypatch.setattr(cli_module, "_stdin_is_a_terminal", lambda: True)
+    for answer in ("n\n", "\n", ""):  # no, the default, end of input
+        result = runner.invoke(cli, ["chat", "bot"], input=command + answer)
+        assert result.exit_code == 0 and "Not run" in result.output and chat_tools() == [], result.output
+    result = runner.invoke(cli, ["chat", "bot"], input=command + "y\n")
+    assert result.exit_code == 0 and "Run create_ticket" in result.output and "[y/N]" in result.output
+    assert len(chat_tools()) == 1 and "Ticket #1 created" in result.output
+
+    monkeypatch.setattr(cli_module, "_stdin_is_a_terminal", lambda: False)
+    result = runner.invoke(cli, ["chat", "bot", "--approve-tools"], input=command)
+    assert result.exit_code == 0 and "Ticket #2 created" in result.output and len(chat_tools()) == 2

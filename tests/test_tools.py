@@ -290,7 +290,7 @@ def test_chat_streams_replies_and_runs_tools(reg):
         writes.append("<prompt>")
         return next(lines)
 
-    chat("support-bot", prompt, writes.append, max_new_tokens=6)
+    chat("support-bot", prompt, writes.append, max_new_tokens=6, confirm=lambda question: True)
     out = "".join(w for w in writes if w != "<prompt>")
     assert out.startswith("Chatting with support-bot@1. Tools: kb_search, create_ticket.")
     reply_writes = writes[writes.index("<prompt>") + 1: writes.index("<prompt>", writes.index("<prompt>") + 1)]

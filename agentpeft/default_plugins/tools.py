@@ -134,6 +134,7 @@ def create_ticket_tool(model: str | None = None) -> BaseTool:
         func=create_ticket, name="create_ticket", args_schema=TicketArgs,
         description="Open a support ticket for a customer when the question cannot be answered or they ask "
                     "for a person. Needs the customer's e-mail, a one-line subject and the problem.",
+        metadata={"side_effects": True},  # agentpeft chat asks before each call
         handle_tool_error=True, handle_validation_error=validation_message)
 
 
