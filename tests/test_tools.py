@@ -128,7 +128,7 @@ def test_kb_search_returns_the_right_passage(reg):
     kb_search = {t.name: t for t in get_tools("support-bot")}["kb_search"]
     found = kb_search.invoke({"query": "how long does a refund take", "k": 2})
     first = found.split("\n\n")[0]
-    assert first.startswith("[1] (policies.md:11)") and "9 business days" in first
+    assert first.startswith("[1] (") and "9 business days" in first  # policies.md or a ticket that says it
     assert "18 months" in kb_search.invoke({"query": "refurbished lamp warranty", "k": 1})
     assert "No passage" in kb_search.invoke({"query": "zzzqqq"})
     assert "invalid arguments: k" in kb_search.invoke({"query": "refund", "k": 0})
@@ -328,8 +328,15 @@ def test_raft_build_trains_and_evaluates_with_passages(tiny_base, home):
     train = list(load_from_disk(str(result.build_dir / "data" / "dataset-raft"))["train"])
     knowledge = [r for r in train if not r["train_only"]]
     assert knowledge and all(r["prompt"][-1]["content"].startswith("Passages:\n[1] ") for r in knowledge)
-    # General pairs stay plain chats: a general question retrieves nothing in use.
-    assert all(r["prompt"][-1]["content"] == r["question"] for r in train if r["train_only"])
+    # General pairs are trained as they are asked in use: with the passages their question retrieves
+    # (unrelated ones, to be ignored), or plain where it retrieves none; no distractor is added.
+    from agentpeft.retrieval import PassageIndex, augment_question, load_chunks, retrieve
+
+    index = PassageIndex(load_chunks(resolve("raft-bot") / "kb.jsonl"))
+    general = [r for r in train if r["train_only"]]
+    served = [augment_question(r["question"], retrieve(index, r["question"], 3)) for r in general]
+    assert [r["prompt"][-1]["content"] for r in general] == served
+    assert any(s.startswith("Passages:\n[1] ") for s in served) and any(s == r["question"] for s, r in zip(served, general))
     # Each training prompt holds the top 2 passages plus 1 distractor; the refund fact is among them.
     refund = next(r for r in knowledge if "refund take" in r["question"].lower())
     content = refund["prompt"][-1]["content"]
@@ -345,14 +352,18 @@ def test_raft_build_trains_and_evaluates_with_passages(tiny_base, home):
     assert "Passages:\n[1] " in prompt and "9 business days" in prompt
 
 
-def test_retrieval_matches_inflected_words():
+def test_retrieval_matches_meaning_not_only_words():
     from langchain_core.documents import Document
 
-    from agentpeft.retrieval import BM25Index, retrieve
+    from agentpeft.retrieval import PassageIndex, retrieve
 
-    index = BM25Index([Document("To cancel, use the form in the member portal."),
-                       Document("Dedicated desks come with a lockable pedestal."),
-                       Document("The printer is on the second floor.")])
+    index = PassageIndex([Document("To cancel, use the form in the member portal."),
+                          Document("Dedicated desks come with a lockable pedestal and cost $395 a month."),
+                          Document("The printer is on the second floor."),
+                          Document("A replacement access card costs $22 at the front desk.")])
     assert "cancel" in retrieve(index, "How does cancelling work?", 1)[0].page_content
-    assert "Dedicated" in retrieve(index, "Is there a desk with a lock?", 1)[0].page_content
+    assert "Dedicated" in retrieve(index, "How much a month is it to have a desk that's always mine?", 1)[0].page_content
+    assert "replacement" in retrieve(index, "I left my entry card on the train. What do I pay for a new one?",
+                                     1)[0].page_content
     assert retrieve(index, "Where are the printers?", 1)[0].page_content.startswith("The printer")
+    assert retrieve(index, "Who wrote Pride and Prejudice?", 2) == []  # unrelated: asked as it is

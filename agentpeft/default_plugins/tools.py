@@ -80,16 +80,16 @@ def _chunks_source(recipe, model: str | None):
 
 
 def kb_search_tool(recipe=None, model: str | None = None) -> BaseTool:
-    """BM25 search over the knowledge base of a registered model (or of a recipe)."""
-    from ..retrieval import BM25Index, cite, passage_text
+    """Semantic search over the knowledge base of a registered model (or of a recipe)."""
+    from ..retrieval import PassageIndex, cite, passage_text
 
     load = _chunks_source(recipe, model)
-    index: list[BM25Index] = []
+    index: list[PassageIndex] = []
 
     def kb_search(query: str, k: int = 3) -> str:
         try:
             if not index:
-                index.append(BM25Index(load()))
+                index.append(PassageIndex(load()))
         except AgentpeftError as exc:
             raise ToolException(str(exc)) from None
         hits = index[0].search(query, k)

@@ -171,10 +171,10 @@ def build(recipe: str | Recipe, kb: str | Path | None = None, name: str | None =
         eval_rows = random.Random(recipe.data.seed).sample(eval_rows, recipe.eval.max_questions)
     ask = None
     if retrieval:  # both models are asked as load_llm will ask: with the passages kb_search retrieves
-        from ..retrieval import BM25Index
+        from ..retrieval import PassageIndex
         from .raft import with_passages
 
-        index = BM25Index(documents)
+        index = PassageIndex(documents)
         eval_rows = with_passages(eval_rows, index, recipe.retrieval.k)
         ask = functools.partial(with_passages, index=index, k=recipe.retrieval.k)
     result = evaluate(base_dir, trained.adapter_dir, eval_rows, recipe.eval.metrics, recipe.eval.primary,

@@ -1,10 +1,11 @@
 """Retrieval-augmented mode (RAFT): training prompts that carry retrieved passages.
 
 With retrieval on, each knowledge question of the train split is rendered with ``k`` passages: its
-top BM25 passages with ``distractors`` of them replaced by unrelated ones, shuffled, so the small
-model learns to find the answer in the passages and to ignore the rest. Train-only general pairs
-stay plain chats: a general question retrieves nothing at use, so it is trained as it is asked.
-Evaluation and use put the top ``k`` passages into the prompt (``agentpeft.retrieval``).
+top passages with ``distractors`` of them replaced by unrelated ones, shuffled, so the small
+model learns to find the answer in the passages and to ignore the rest. Train-only general pairs are
+trained as they are asked in use: as a plain chat when their question retrieves nothing (most general
+questions), else with the passages it retrieves, unrelated ones that the model learns to ignore. Evaluation and use put the top ``k`` passages into the prompt
+(``agentpeft.retrieval``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 from langchain_core.documents import Document
 
 from ..errors import AgentpeftError
-from ..retrieval import BM25Index, augment_question, retrieve
+from ..retrieval import PassageIndex, augment_question, retrieve
 
 
 @dataclass
@@ -38,7 +39,7 @@ class RaftData:
         return text
 
 
-def training_passages(index: BM25Index, top: list[Document], k: int, rng: random.Random) -> list[Document]:
+def training_passages(index: PassageIndex, top: list[Document], k: int, rng: random.Random) -> list[Document]:
     """``k`` passages for a training question: its ``top`` retrieved ones filled up with unrelated ones, shuffled."""
     others = [d for d in index.documents if all(d is not f for f in top)]
     found = [*top, *rng.sample(others, min(k - len(top), len(others)))]
@@ -56,16 +57,21 @@ def augment_dataset(dataset_dir: Path, documents: list[Document], tokenizer, k: 
     """
     from datasets import Dataset, DatasetDict, load_from_disk
 
-    index = BM25Index(documents)
+    index = PassageIndex(documents)
     rng = random.Random(seed)
     ds = load_from_disk(str(dataset_dir))
     rows, augmented, shortened, dropped = [], 0, 0, 0
     for row in ds["train"]:
         if row.get("train_only"):
-            rows.append(row)
-            continue
-        top = retrieve(index, row["question"], max(k - distractors, 1))
-        chosen = training_passages(index, top, k, rng)
+            # As served: its own top passages, no distractors added (they are unrelated already).
+            chosen = retrieve(index, row["question"], k)
+            top = chosen
+            if not chosen:
+                rows.append(row)
+                continue
+        else:
+            top = retrieve(index, row["question"], max(k - distractors, 1))
+            chosen = training_passages(index, top, k, rng)
         offered = len(chosen)
         relevant = {id(d) for d in top}
         fitted = None
@@ -80,6 +86,9 @@ def augment_dataset(dataset_dir: Path, documents: list[Document], tokenizer, k: 
             # drop an unrelated passage first, then the lowest-ranked relevant one
             unrelated = [d for d in chosen if id(d) not in relevant]
             chosen = [d for d in chosen if d is not (unrelated[-1] if unrelated else chosen[-1])]
+        if fitted is None and row.get("train_only"):
+            rows.append(row)  # a general pair too long with a passage is trained as a plain chat
+            continue
         if fitted is None:
             dropped += 1
             continue
@@ -95,7 +104,7 @@ def augment_dataset(dataset_dir: Path, documents: list[Document], tokenizer, k: 
     return RaftData(out, total, augmented, shortened, dropped)
 
 
-def with_passages(rows: list[dict], index: BM25Index, k: int) -> list[dict]:
+def with_passages(rows: list[dict], index: PassageIndex, k: int) -> list[dict]:
     """Chat rows whose last user turn carries the question's top ``k`` passages, as ``load_llm`` asks it."""
     out = []
     for row in rows:
