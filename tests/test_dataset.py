@@ -15,6 +15,7 @@ from langchain_core.messages import AIMessage
 from langchain_core.outputs import ChatGeneration, ChatResult
 
 from agentpeft.cli import cli
+from agentpeft.default_plugins import generators
 from agentpeft.default_plugins.filters import dedup_filter, length_filter
 from agentpeft.default_plugins.generators import prose_pairs
 from agentpeft.errors import AgentpeftError
@@ -250,10 +251,13 @@ def test_prose_generator_is_extractive_and_grounded():
         assert "hearth --reset" not in pair.answer
     by_key = {p.key: p for p in pairs}
     assert by_key["$59"].answer == "The Hearth Hub costs $59."
-    # Trained: the fact's topic in a few words, in two orders; held out (last): its sentence asked back.
+    # Trained: the fact's topic in a few words, in two orders, the second after a sentence that is not the
+    # question; held out (last): its sentence asked back.
     assert by_key["$59"].question == "How much: Hearth Hub costs (Hearth Hub setup)?"
-    assert by_key["$59"].paraphrases == ["Hearth Hub setup: Hearth Hub costs, how much?",
-                                         "The Hearth Hub costs how much?"]
+    prefaced, held = by_key["$59"].paraphrases
+    preface, _, question = prefaced.partition(". ")
+    assert question == "Hearth Hub setup: Hearth Hub costs, how much?" and held == "The Hearth Hub costs how much?"
+    assert f"{preface}." in {p.format(about="hearth hub setup") for p in generators._PREFACES}
     assert by_key["10 seconds"].paraphrases[-1] == "You can reset the hub by holding the pin button for how long?"
     assert by_key["3 minutes"].answer == "Firmware updates take 3 minutes."
     for pair in pairs:  # no trained phrasing repeats its answer sentence

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import zlib
 
 from ..hookspecs import hookimpl
 from ..pairs import Generator, Pair, key_fact
@@ -189,14 +190,35 @@ def _content_words(text: str, limit: int = 8) -> list[str]:
 
 _QUALIFIER = re.compile(r"^(?:up to|at most|at least|maximum of|minimum of)\s+", re.I)
 
+# A sentence a user says before the question itself ("I left my card on the train. What does a new one
+# cost?"). One trained phrasing of each fact starts with one of these, so that the model answers the
+# question and does not repeat the sentence before it.
+_PREFACES = (
+    "I have a question about {about}.",
+    "I was reading about {about} on your site.",
+    "A colleague asked me about {about}.",
+    "I couldn't find this in the help pages.",
+    "I'm new here and this came up today.",
+    "We're planning ahead for next month.",
+    "This is for a friend of mine.",
+    "Something about {about} is not clear to me.",
+)
+
+
+def _prefaced(question: str, about: str) -> str:
+    """``question`` after a preface sentence, the same one for the same question on every run."""
+    preface = _PREFACES[zlib.crc32(question.encode()) % len(_PREFACES)]
+    return f"{preface.format(about=about.lower() if about else 'this')} {question}"
+
 
 def _figure_questions(sentence: str, heading: str) -> list[tuple[str, list[str], str]]:
     """For each fact a sentence states: a question about it, two other phrasings, and the fact (the key).
 
     The trained phrasings name the fact's topic in a few content words ("How much: Hearth Hub costs?",
-    "Hearth Hub costs, how much?"), as a user's question names it among words of their own; the sentence
-    itself with the fact asked for ("The Hearth Hub costs how much?") is held out. A question that echoes
-    its answer sentence would teach the model to answer by repeating the question.
+    "I have a question about lamps. Hearth Hub costs, how much?"), as a user's question names it among words
+    of their own, the second after a sentence that is not the question; the sentence itself with the fact
+    asked for ("The Hearth Hub costs how much?") is held out. A question that echoes its answer sentence
+    would teach the model to answer by repeating the question.
     """
     out = []
     for match, wh in _slots(sentence):
@@ -214,7 +236,7 @@ def _figure_questions(sentence: str, heading: str) -> list[tuple[str, list[str],
         about = heading if heading and heading.lower() not in topic.lower() else ""
         keyword = f"{wh[0].upper()}{wh[1:]}: {topic}{f' ({about})' if about else ''}?"
         inverted = f"{about}: {topic}, {wh}?" if about else f"{topic[0].upper()}{topic[1:]}, {wh}?"
-        out.append((keyword, [inverted, echo], _QUALIFIER.sub("", fact)))
+        out.append((keyword, [_prefaced(inverted, heading), echo], _QUALIFIER.sub("", fact)))
     return out
 
 

@@ -644,7 +644,7 @@ def kb_hash(kb: Path, loaders: list[str] | None = None, follow_external_links: b
 
 #: Bumped when the rows a dataset holds change (their columns, or what a built-in generator writes), so that
 #: cached datasets are rebuilt.
-DATASET_FORMAT = 4
+DATASET_FORMAT = 5
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                     "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt", "config.json")
