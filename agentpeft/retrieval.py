@@ -9,7 +9,9 @@ the page that answers it ("a desk that's always mine" for "Dedicated Desk"), whi
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
+import os
 import re
 from pathlib import Path
 
@@ -36,7 +38,12 @@ class Embedder:
     def __init__(self, folder: Path | str):
         from transformers import AutoModel, AutoTokenizer
 
+        from .models import weights_hash
+
         self.folder = Path(folder)
+        meta = self.folder / "agentpeft-model.json"
+        #: What identifies the model's embeddings: its weights' digest (recorded when it was fetched).
+        self.id = json.loads(meta.read_text())["weights_sha256"] if meta.is_file() else weights_hash(self.folder)
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
         self.model = AutoModel.from_pretrained(str(folder), use_safetensors=True).eval()
 
@@ -136,6 +143,37 @@ def cite(doc: Document) -> str:
     return f"{name}:{doc.metadata['line']}" if doc.metadata.get("line") else name
 
 
+def _passage_vectors(embed: Embedder, texts: list[str]):
+    """The passages' embeddings, computed once per embedding model and knowledge base and kept in
+    ``AGENTPEFT_HOME/cache/embeddings`` (a build, ``load_llm`` and ``kb_search`` of the same knowledge base
+    share them; a large knowledge base takes minutes to embed on a CPU)."""
+    from safetensors.torch import load_file, save_file
+
+    from .models import home
+
+    digest = hashlib.sha256(embed.id.encode())
+    for text in texts:
+        digest.update(hashlib.sha256(text.encode()).digest())
+    path = home() / "cache" / "embeddings" / f"{digest.hexdigest()}.safetensors"
+    try:
+        vectors = load_file(str(path))["vectors"]
+        if vectors.shape[0] == len(texts):
+            return vectors
+    except (OSError, KeyError, ValueError, RuntimeError):
+        pass  # not cached yet, or unreadable: computed again
+    vectors = embed(texts)
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"vectors": vectors.contiguous()}, str(tmp))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a cache that cannot be written only costs embedding again next time
+    finally:
+        tmp.unlink(missing_ok=True)
+    return vectors
+
+
 class PassageIndex:
     """Semantic search over the passages of knowledge-base chunks (:func:`passages`)."""
 
@@ -144,7 +182,7 @@ class PassageIndex:
         if not self.documents:
             raise AgentpeftError("the knowledge base has no text to search; rebuild with a non-empty knowledge base")
         self._embed = embedder()
-        self._vectors = self._embed([passage_text(d) for d in self.documents])
+        self._vectors = _passage_vectors(self._embed, [passage_text(d) for d in self.documents])
 
     def search(self, query: str, k: int = 3) -> list[tuple[Document, float]]:
         """The ``k`` passages most similar to ``query`` with their cosine similarity; passages below

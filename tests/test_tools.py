@@ -367,3 +367,21 @@ def test_retrieval_matches_meaning_not_only_words():
                                      1)[0].page_content
     assert retrieve(index, "Where are the printers?", 1)[0].page_content.startswith("The printer")
     assert retrieve(index, "Who wrote Pride and Prejudice?", 2) == []  # unrelated: asked as it is
+
+
+def test_passage_embeddings_are_computed_once_per_knowledge_base(home, monkeypatch):
+    from langchain_core.documents import Document
+
+    from agentpeft.retrieval import Embedder, PassageIndex, retrieve
+
+    docs = [Document("Dedicated desks cost $395 a month."), Document("The printer is on the second floor.")]
+    PassageIndex(docs)
+    assert len(list((home / "cache" / "embeddings").glob("*.safetensors"))) == 1
+    embedded: list[int] = []
+    call = Embedder.__call__
+    monkeypatch.setattr(Embedder, "__call__", lambda self, texts, **kw: embedded.append(len(texts)) or call(self, texts, **kw))
+    index = PassageIndex(docs)
+    assert "printer" in retrieve(index, "Where can I print?", 1)[0].page_content
+    assert embedded == [1]  # the question only: the passages' vectors came from the cache
+    PassageIndex([*docs, Document("Parking costs $16 a day.")])  # another knowledge base: embedded and cached
+    assert embedded == [1, 3] and len(list((home / "cache" / "embeddings").glob("*.safetensors"))) == 2
