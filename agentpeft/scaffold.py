@@ -6,6 +6,7 @@ import hashlib
 import re
 import shutil
 import tempfile
+import unicodedata
 from pathlib import Path
 from string import Template
 
@@ -201,6 +202,25 @@ def _fields(name: str) -> dict[str, str]:
     }
 
 
+def _check_name(name: str) -> None:
+    """Refuse a recipe name that cannot also name its package folder and the model it builds (registry rules:
+    at most 64 characters, no '..', no trailing '.', no Windows device name), suggesting one that can."""
+    from .registry import _RESERVED
+
+    if (isinstance(name, str) and _NAME.fullmatch(name) and len(name) <= 64 and ".." not in name
+            and not name.endswith(".") and name.split(".")[0] not in _RESERVED):
+        return
+    text = name if isinstance(name, str) else ""
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode().lower()  # "Näme" -> "name"
+    fixed = re.sub(r"\.{2,}", ".", re.sub(r"[^a-z0-9._-]+", "-", ascii_text))[:64].strip("-._")
+    if not fixed or fixed.split(".")[0] in _RESERVED:
+        fixed = f"{fixed or 'acme'}-hr"
+    shown = text[:80] + "..." if len(text) > 80 else name
+    raise AgentpeftError(f"recipe name {shown!r} must be lower-case letters, digits, '.', '_' or '-', starting with "
+                         "a letter or digit, at most 64 characters, not ending in '.' nor a Windows device name "
+                         f"(con, nul, ...); try `agentpeft recipes new {fixed}`")
+
+
 def scaffold(name: str, directory: str | Path = ".") -> Path:
     """Write a recipe plugin package for ``name`` into ``directory/name``; returns its folder.
 
@@ -209,9 +229,7 @@ def scaffold(name: str, directory: str | Path = ".") -> Path:
     """
     from .recipe import get_recipes
 
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise AgentpeftError(f"recipe name {name!r} must be lower-case letters, digits, '.', '_' or '-', "
-                             "starting with a letter or digit (for example acme-hr)")
+    _check_name(name)
     if name in get_recipes():
         raise AgentpeftError(f"a recipe named {name!r} is already registered; pick another name")
     parent = Path(directory)
