@@ -44,6 +44,7 @@ def run_one(method: str, steps: int, workdir: Path) -> dict:
     from agentpeft.pipeline.evaluate import generate
     from agentpeft.pipeline.ingest import ingest
     from agentpeft.pipeline import train as train_stage
+    from agentpeft.pipeline.trainer import AgentpeftTrainer
     from agentpeft.recipe import configure
 
     # qlora: the 4-bit path; qlora-dense: the NF4 weights dequantized once (what a CPU run does where it fits).
@@ -73,26 +74,20 @@ def run_one(method: str, steps: int, workdir: Path) -> dict:
 
     peft.get_peft_model = measured
     largest = {"tokens": 0}
-    real_trainer = train_stage._answer_only_trainer
+    real_loss = AgentpeftTrainer.compute_loss
 
-    def watched_trainer(base_cls, *options):
-        cls = real_trainer(base_cls, *options)
+    def watched_loss(self, model, inputs, *a, **k):
+        batch, length = inputs["input_ids"].shape
+        if batch * length > largest["tokens"]:
+            largest.update(tokens=batch * length, batch=batch, length=length)
+        return real_loss(self, model, inputs, *a, **k)
 
-        class Watched(cls):
-            def compute_loss(self, model, inputs, *a, **k):
-                batch, length = inputs["input_ids"].shape
-                if batch * length > largest["tokens"]:
-                    largest.update(tokens=batch * length, batch=batch, length=length)
-                return super().compute_loss(model, inputs, *a, **k)
-
-        return Watched
-
-    train_stage._answer_only_trainer = watched_trainer
+    AgentpeftTrainer.compute_loss = watched_loss
     try:
         result = train_stage.train(base, data.path, workdir, recipe.train, log=lambda s: None)
     finally:
         peft.get_peft_model = real
-        train_stage._answer_only_trainer = real_trainer
+        AgentpeftTrainer.compute_loss = real_loss
     row = {"method": method, "steps": result.steps, "final_loss": round(result.final_loss, 4),
            "train_seconds": round(result.seconds, 1), "tokens": result.tokens,
            "tokens_per_second": round(result.tokens / result.seconds, 1),

@@ -90,7 +90,7 @@ class TokenCounter:
             self.unique += len(real)
             self.answer += self._answer_tokens(real)
         if mask is not None:
-            from agentpeft.pipeline.train import prefix_groups
+            from agentpeft.pipeline.shared_prefix import prefix_groups
 
             self.unique -= sum((len(rows) - 1) * shared for rows, shared in prefix_groups(ids, mask))
 

@@ -1,5 +1,6 @@
 """Each PEFT method trains on the tiny model, loads back, and (where it can) merges exactly."""
 
+import functools
 import json
 import os
 
@@ -89,7 +90,7 @@ def test_answer_only_loss_matches_trls_loss_and_gradients(tiny_base, dataset, tm
     from trl import SFTConfig, SFTTrainer
 
     from agentpeft.models import load_model
-    from agentpeft.pipeline.train import _answer_only_trainer
+    from agentpeft.pipeline.trainer import AgentpeftTrainer
 
     rows = load_from_disk(str(dataset))["train"].select_columns(["prompt", "completion"]).select(range(6))
     tokenizer = load_tokenizer(tiny_base)
@@ -99,7 +100,7 @@ def test_answer_only_loss_matches_trls_loss_and_gradients(tiny_base, dataset, tm
     args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=6, use_cpu=True, report_to=[],
                      completion_only_loss=True, max_length=256)
     results = []
-    for cls in (SFTTrainer, _answer_only_trainer(SFTTrainer, share_prefix=share_prefix)):
+    for cls in (SFTTrainer, functools.partial(AgentpeftTrainer, answer_only=True, share_prefix=share_prefix)):
         trainer = cls(model=model, args=args, train_dataset=rows, processing_class=tokenizer)
         batch = next(iter(trainer.get_train_dataloader()))
         assert (batch["labels"] == -100).any() and (batch["labels"] != -100).any()
@@ -116,20 +117,20 @@ def test_answer_only_loss_matches_trls_loss_and_gradients(tiny_base, dataset, tm
     assert our_tokens == trl_tokens > 0
 
 
-def test_anchor_kl_scores_general_rows_against_the_adapter_free_model(tiny_base, tmp_path):
+def test_anchor_kl_scores_train_only_rows_against_the_adapter_free_model(tiny_base, tmp_path):
     import torch
     from peft import LoraConfig, get_peft_model
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
     from agentpeft.models import load_model
-    from agentpeft.pipeline.train import _answer_only_trainer, with_anchor_column
+    from agentpeft.pipeline.trainer import TRAIN_ONLY_INDEX, AgentpeftTrainer, with_train_only_index
 
     recipe = configure("support-bot")
     data = build_dataset(ingest(recipe.kb_path), ["faq", "general"], load_tokenizer(tiny_base), recipe.system_prompt,
                          tmp_path / "data", train_phrasings=1).path
     from datasets import load_from_disk
 
-    rows = with_anchor_column(load_from_disk(str(data))["train"])
+    rows = with_train_only_index(load_from_disk(str(data))["train"])
     mixed = rows.select([rows["train_only"].index(True), rows["train_only"].index(False)])
     tokenizer = load_tokenizer(tiny_base)
     tokenizer.padding_side = "right"
@@ -137,8 +138,8 @@ def test_anchor_kl_scores_general_rows_against_the_adapter_free_model(tiny_base,
                      completion_only_loss=True, max_length=256)
 
     def loss_of(model, dataset, kl, backward=False):
-        trainer = _answer_only_trainer(SFTTrainer, kl)(model=model, args=args, train_dataset=dataset,
-                                                         processing_class=tokenizer)
+        trainer = AgentpeftTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                                   answer_only=True, anchor_kl=kl)
         batch = next(iter(trainer.get_train_dataloader()))
         model.train()
         model.zero_grad()
@@ -152,26 +153,26 @@ def test_anchor_kl_scores_general_rows_against_the_adapter_free_model(tiny_base,
         return get_peft_model(load_model(tiny_base), LoraConfig(r=4, target_modules="all-linear",
                                                                  init_lora_weights=init, task_type="CAUSAL_LM"))
 
-    columns = ["prompt", "completion", "anchor"]
-    # A fresh adapter (B = 0) is the base: the general row adds no loss, only answer tokens to divide by.
+    columns = ["prompt", "completion", TRAIN_ONLY_INDEX]
+    # A fresh adapter (B = 0) is the base: the train-only row adds no loss, only answer tokens to divide by.
     fresh = lora(True)
     kb_only = mixed.filter(lambda r: not r["train_only"]).select_columns(["prompt", "completion"])
     with_kl, n_both = loss_of(fresh, mixed.select_columns(columns), 1.0)
     ce, n_kb = loss_of(fresh, kb_only, 0.0)
     assert n_both > n_kb > 0
     torch.testing.assert_close(with_kl * n_both, ce * n_kb, rtol=1e-3, atol=1e-5)  # sums in another order
-    # A moved adapter: the general row's KL is positive and its gradient reaches the adapter.
+    # A moved adapter: the train-only row's KL is positive and its gradient reaches the adapter.
     moved = lora(False)
-    general = mixed.filter(lambda r: r["train_only"]).select_columns(columns)
-    kl, _ = loss_of(moved, general, 1.0, backward=True)
+    train_only = mixed.filter(lambda r: r["train_only"]).select_columns(columns)
+    kl, _ = loss_of(moved, train_only, 1.0, backward=True)
     assert kl > 0
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in moved.named_parameters() if "lora_" in n)
     # Twice the weight, twice the loss.
-    torch.testing.assert_close(loss_of(moved, general, 2.0)[0], 2 * kl.detach(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(loss_of(moved, train_only, 2.0)[0], 2 * kl.detach(), rtol=1e-4, atol=1e-6)
     # The base's targets are the same whether the rows' shared prompt prefix is computed once or per row.
-    generals = rows.filter(lambda r: r["train_only"]).select(range(4)).select_columns(columns)
-    trainers = [_answer_only_trainer(SFTTrainer, 1.0, share)(model=moved, args=args, train_dataset=generals,
-                                                             processing_class=tokenizer) for share in (True, False)]
+    four = rows.filter(lambda r: r["train_only"]).select(range(4)).select_columns(columns)
+    trainers = [AgentpeftTrainer(model=moved, args=args, train_dataset=four, processing_class=tokenizer,
+                                 answer_only=True, anchor_kl=1.0, share_prefix=share) for share in (True, False)]
     # ... and whether the rows' positions go through the head in one call per chunk or one call per row.
     targets = [t._base_logp for t in trainers] + [trainers[1]._base_answer_log_probs(batch_size=1)]
     assert targets[0].keys() == targets[1].keys() == targets[2].keys() and len(targets[0]) == 4
@@ -179,7 +180,7 @@ def test_anchor_kl_scores_general_rows_against_the_adapter_free_model(tiny_base,
         torch.testing.assert_close(targets[0][row][1], targets[1][row][1], rtol=1e-3, atol=1e-5)
         # Unpadded single rows take other attention kernels: equal to fp32 rounding, not bit for bit.
         torch.testing.assert_close(targets[0][row][1], targets[2][row][1], rtol=1e-3, atol=1e-4)
-    # The train stage wires it up: general rows carry their anchor index through the collator.
+    # The train stage wires it up: train-only rows carry their index through the collator.
     result = train(tiny_base, data, tmp_path / "trained", _cfg(anchor_kl=1.0, max_steps=2))
     assert result.steps == 2 and result.final_loss is not None
 
@@ -191,7 +192,7 @@ def test_shared_prefix_forward_equals_the_full_forward(tiny_base, attention, pac
     from peft import LoraConfig, get_peft_model
 
     from agentpeft.models import load_model
-    from agentpeft.pipeline.train import prefix_groups, shared_prefix_hidden
+    from agentpeft.pipeline.shared_prefix import prefix_groups, shared_prefix_hidden
 
     tokenizer = load_tokenizer(tiny_base)
     tokenizer.padding_side = "right"
@@ -426,16 +427,16 @@ def test_loraplus_optimizer_puts_each_a_at_the_lr_and_each_b_at_ratio_times_it(t
 
 
 def test_rotating_sampler_trains_every_fact_once_an_epoch_each_phrasing_in_turn():
-    from agentpeft.pipeline.train import RotatingSampler
+    from agentpeft.pipeline.trainer import RotatingSampler
 
-    facts, always = [[0, 1], [2, 3, 4], [5]], [6, 7]
+    facts, train_only = [[0, 1], [2, 3, 4], [5]], [6, 7]
     for lengths in (None, [5, 9, 3, 8, 2, 7, 4, 6]):
-        sampler = RotatingSampler(facts, always, seed=3, lengths=lengths, batch_size=2)
+        sampler = RotatingSampler(facts, train_only, seed=3, lengths=lengths, batch_size=2)
         seen = {}
         for epoch in range(6):
             sampler.set_epoch(epoch)
             rows = list(sampler)
-            assert len(rows) == len(sampler) == 5 and set(always) <= set(rows)
+            assert len(rows) == len(sampler) == 5 and set(train_only) <= set(rows)
             for group in facts:
                 assert len(set(rows) & set(group)) == 1  # one phrasing of each fact
             seen[epoch] = rows
@@ -451,23 +452,24 @@ def test_rotating_sampler_trains_every_fact_once_an_epoch_each_phrasing_in_turn(
 def test_rotate_phrasings_trains_an_epoch_of_one_phrasing_per_fact(tiny_base, tmp_path, monkeypatch):
     from datasets import load_from_disk
     from agentpeft.pipeline import train as train_module
+    from agentpeft.pipeline import trainer as trainer_module
 
     recipe = configure("support-bot")
     data = build_dataset(ingest(recipe.kb_path), ["faq", "facts", "general"], load_tokenizer(tiny_base),
                          recipe.system_prompt, tmp_path / "data", train_phrasings=2).path
     rows = load_from_disk(str(data))["train"]
-    facts, always = train_module.phrasing_rotation(rows)
-    assert always and all(rows[i]["train_only"] for i in always)
-    assert len(facts) < len(rows) - len(always) and all(len({rows[i]["fact_id"] for i in g}) == 1 for g in facts)
+    facts, train_only = train_module.phrasing_rotation(rows)
+    assert train_only and all(rows[i]["train_only"] for i in train_only)
+    assert len(facts) < len(rows) - len(train_only) and all(len({rows[i]["fact_id"] for i in g}) == 1 for g in facts)
     epochs_fed = []
-    iterate = train_module.RotatingSampler.__iter__
-    monkeypatch.setattr(train_module.RotatingSampler, "__iter__",
+    iterate = trainer_module.RotatingSampler.__iter__
+    monkeypatch.setattr(trainer_module.RotatingSampler, "__iter__",
                         lambda self: (epochs_fed.append(self.epoch), iterate(self))[1])
     logs = []
     result = train(tiny_base, data, tmp_path / "out", _cfg(method="lora", max_steps=-1, epochs=2, batch_size=16,
                                                            rotate_phrasings=True), log=logs.append)
-    assert f"each epoch trains {len(facts) + len(always)} of the {len(rows)} rows" in "\n".join(logs)
-    assert result.steps == 2 * -(-(len(facts) + len(always)) // 16)
+    assert f"each epoch trains {len(facts) + len(train_only)} of the {len(rows)} rows" in "\n".join(logs)
+    assert result.steps == 2 * -(-(len(facts) + len(train_only)) // 16)
     assert epochs_fed == [0, 1]
     with pytest.raises(AgentpeftError, match="rotate_phrasings needs the dataset's fact_id column"):
         train_module.phrasing_rotation(rows.remove_columns("fact_id"))
