@@ -59,6 +59,12 @@ class DataConfig(_Strict):
     dedup_threshold: float = Field(0.85, gt=0, le=1, description="MinHash Jaccard above which pairs are near-duplicates")
 
 
+#: Each method's learning rate where the recipe sets none (``train.lr`` null). Prompt and prefix tuning train
+#: only virtual tokens (input embeddings, or each layer's key/value prefix) that steer a frozen model, and need
+#: larger steps than LoRA: PEFT's prompt-tuning and prefix-tuning guides train at 3e-2 and 1e-2.
+DEFAULT_LR = {"qlora": 1e-3, "lora": 1e-3, "dora": 1e-3, "prefix": 1e-2, "prompt": 3e-2}
+
+
 class TrainConfig(_Strict):
     """PEFT method and trainer hyperparameters."""
 
@@ -73,7 +79,10 @@ class TrainConfig(_Strict):
         "the layers LoRA adapts: module names (q_proj, v_proj, ...) or all-linear"))
     epochs: float = Field(3.0, gt=0, description="training epochs (fractions allowed)")
     max_steps: int = Field(-1, ge=-1, description="-1: run the epochs; 0: save the adapter untrained")
-    lr: float = Field(1e-3, gt=0, description="peak learning rate")
+    lr: float | None = Field(None, gt=0, description=(
+        "peak learning rate; null: the method's default, 1e-3 for qlora, lora and dora, 1e-2 for prefix and 3e-2 "
+        "for prompt tuning (their few virtual-token parameters need larger steps). A recipe's lr is its method's: "
+        "--method switching to a method with another default trains at that default unless --lr is given"))
     loraplus_lr_ratio: float = Field(1.0, ge=1, description=(
         "LoRA+: the B matrices learn at this multiple of lr (the A matrices at lr); 1: plain LoRA"))
     batch_size: int = Field(8, ge=1, description="examples per device step")
@@ -111,6 +120,11 @@ class TrainConfig(_Strict):
     report_to: list[Literal["none", "tensorboard", "wandb"]] = Field(["none"], description=(
         "where the trainer also logs: none, tensorboard, wandb"))
     seed: int = Field(42, description="training seed: adapter initialization and batch order")
+
+    @property
+    def learning_rate(self) -> float:
+        """The peak learning rate training runs at: ``lr``, else the method's default (``DEFAULT_LR``)."""
+        return self.lr if self.lr is not None else DEFAULT_LR[self.method]
 
 
 class EvalConfig(_Strict):
@@ -266,6 +280,8 @@ def configure(recipe: str | Recipe, kb: str | Path | None = None, base: str | No
     ``system_prompt`` sets it outright."""
     recipe = recipe if isinstance(recipe, Recipe) else get_recipe(recipe)
     train = _overridden(recipe.train, train_overrides)
+    if train_overrides.get("lr") is None and DEFAULT_LR[train.method] != DEFAULT_LR[recipe.train.method]:
+        train = train.model_copy(update={"lr": None})  # the recipe's lr was chosen for its own method
     if train.loraplus_lr_ratio > 1 and train.method in ("prefix", "prompt"):
         raise AgentpeftError(f"--loraplus-lr-ratio applies to qlora, lora and dora, not {train.method}; drop it")
     update: dict = {"train": train, "data": _overridden(recipe.data, {**(data_mix or {}), "strict": strict or None})}

@@ -2,6 +2,7 @@
 
 import functools
 import json
+import math
 import os
 
 import pytest
@@ -37,6 +38,8 @@ def test_method_trains_loads_and_generates(method, tiny_base, dataset, tmp_path)
     assert len(params) == 1 and "trainable%" in params[0]
     # support-bot's KL anchor needs a LoRA-family adapter; the other methods say so and use cross-entropy.
     assert any(line.startswith("anchor_kl applies to") for line in logs) == (method in ("prefix", "prompt"))
+    # ... and train at their own learning rate, not the recipe's LoRA one.
+    assert any(line.startswith("learning rate ") for line in logs) == (method in ("prefix", "prompt"))
     meta = adapter_meta(result.adapter_dir)
     assert meta == {"method": method, "quantized_base": method == "qlora",
                     "mergeable": method in ("qlora", "lora", "dora")}
@@ -53,6 +56,21 @@ def test_method_trains_loads_and_generates(method, tiny_base, dataset, tmp_path)
             merge(tiny_base, result.adapter_dir, tmp_path / "merged")
 
 
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_reference_perplexity_scores_prompt_and_prefix_tuned_models(method, tiny_base, dataset, tmp_path):
+    from agentpeft.pipeline.evaluate import reference_perplexity
+
+    result = train(tiny_base, dataset, tmp_path, _cfg(method=method, max_steps=1))
+    model = load_tuned(tiny_base, result.adapter_dir)
+    tokenizer = load_tokenizer(tiny_base)
+    rows = [{"prompt": [{"role": "user", "content": "Hi"}], "answer": "Hello, how can I help?"},
+            {"answer": "Plain text, scored as it stands and longer than the other row."}]
+    # Prompt tuning's logits carry a position per virtual token before the rows' own.
+    batched = reference_perplexity(model, tokenizer, rows)
+    assert math.isfinite(batched) and batched > 1
+    assert batched == pytest.approx(reference_perplexity(model, tokenizer, rows, batch_size=1), rel=1e-3)
+
+
 @pytest.mark.parametrize("loraplus", [1.0, 4.0])
 def test_resume_continues_from_the_last_checkpoint(tiny_base, dataset, tmp_path, loraplus):
     train(tiny_base, dataset, tmp_path, _cfg(max_steps=2, save_steps=1, method="lora", loraplus_lr_ratio=loraplus))
@@ -64,6 +82,16 @@ def test_resume_continues_from_the_last_checkpoint(tiny_base, dataset, tmp_path,
     assert result.steps == 4
     steps = [json.loads(line).get("step") for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert steps[:4] == [1, 2, 3, 4]  # the resumed state carries the first two steps' log
+
+
+def test_prefix_and_prompt_tuning_train_at_their_own_learning_rate_unless_lr_is_given():
+    assert configure("support-bot").train.learning_rate == 2e-3  # the recipe's, chosen for its qlora
+    assert configure("support-bot", method="lora").train.learning_rate == 2e-3  # the same family
+    assert configure("support-bot", method="prefix").train.learning_rate == 1e-2
+    prompt = configure("support-bot", method="prompt")
+    assert prompt.train.lr is None and prompt.train.learning_rate == 3e-2
+    given = configure("support-bot", method="prompt", lr=5e-3)
+    assert given.train.learning_rate == configure(given, method="prompt").train.learning_rate == 5e-3
 
 
 def test_bad_override_names_the_option():

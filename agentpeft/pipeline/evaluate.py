@@ -112,7 +112,8 @@ def reference_perplexity(model, tokenizer, rows: list[dict], batch_size: int = 1
         labels = torch.tensor([x + [-100] * (width - len(x)) for x in batch_labels], device=model.device)
         mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in batch_ids], device=model.device)
         with torch.inference_mode():
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            # A prompt-tuned model's logits start with one position per virtual token: keep the rows' own.
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, -width:-1].float()
         target = labels[:, 1:]
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
                                                  ignore_index=-100, reduction="sum")

@@ -178,7 +178,8 @@ def _setup_precision(model, cfg: TrainConfig, train_set, log=print) -> tuple[boo
 
 def _setup_schedule(cfg: TrainConfig, train_set, log=print):
     """``cfg`` with long rows' batches split into micro-batches on a CPU (a GPU holds a batch of long rows
-    easily), the phrasing rotation (``rotate_phrasings``; None when off) and the optimizer steps planned."""
+    easily), the phrasing rotation (``rotate_phrasings``; None when off) and the optimizer steps planned;
+    the learning rate is logged where it is the method's default."""
     import torch
 
     if "n_tokens" in train_set.column_names and not torch.cuda.is_available():
@@ -190,6 +191,8 @@ def _setup_schedule(cfg: TrainConfig, train_set, log=print):
         rows_per_epoch = len(facts) + len(train_only)
         log(f"rotate_phrasings: each epoch trains {rows_per_epoch} of the {len(train_set)} rows, one phrasing of each "
             f"of {len(facts)} facts in turn and the {len(train_only)} train-only pairs")
+    if cfg.lr is None:
+        log(f"learning rate {cfg.learning_rate:g}, {cfg.method}'s default")
     steps_per_epoch = math.ceil(rows_per_epoch / (cfg.batch_size * cfg.grad_accum))
     planned = cfg.max_steps if cfg.max_steps > 0 else math.ceil(steps_per_epoch * cfg.epochs)
     return cfg, rotation, planned
@@ -207,7 +210,7 @@ def _training_args(cfg: TrainConfig, checkpoints: Path, planned: int, bf16: bool
         max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
-        learning_rate=cfg.lr,
+        learning_rate=cfg.learning_rate,
         lr_scheduler_type="cosine",
         warmup_steps=max(1, round(cfg.warmup_ratio * planned)) if cfg.warmup_ratio else 0,
         max_grad_norm=cfg.max_grad_norm,
