@@ -421,7 +421,8 @@ def load_tokenizer(folder: Path | str):
 
 
 def bf16_supported() -> bool:
-    """Whether the hardware computes bf16 natively (CUDA with bf16, or a CPU with AVX512-BF16/AMX)."""
+    """Whether the hardware training runs on computes bf16 natively: CUDA with bf16, else the CPU
+    (AVX512-BF16, AMX or ARM's BF16 extension). Training on Apple silicon runs on its CPU."""
     import torch
 
     if torch.cuda.is_available():
@@ -429,13 +430,33 @@ def bf16_supported() -> bool:
     return cpu_bf16_supported()
 
 
+#: CPU features with native bf16 arithmetic, as ``torch.cpu.get_capabilities()`` and /proc/cpuinfo name them.
+_CPU_BF16 = ("avx512_bf16", "amx_bf16")
+_ARM_BF16 = ("bf16", "sve_bf16")
+
+
 def cpu_bf16_supported() -> bool:
-    """Whether this machine's CPU computes bf16 natively (AVX512-BF16 or AMX)."""
+    """Whether this machine's CPU computes bf16 natively (AVX512-BF16, AMX, or ARM's BF16 extension).
+
+    Asks torch's CPU feature detection (cpuinfo, on every operating system); a torch without
+    ``torch.cpu.get_capabilities`` falls back to /proc/cpuinfo, and elsewhere to no.
+    """
+    import torch
+
+    capabilities = getattr(torch.cpu, "get_capabilities", None)
+    if capabilities is not None:
+        try:
+            found = capabilities()
+        except Exception:  # a CPU cpuinfo cannot describe: decided from /proc/cpuinfo below
+            found = None
+        if found is not None:
+            names = _ARM_BF16 if found.get("architecture", "").startswith(("arm", "aarch")) else _CPU_BF16
+            return any(found.get(name) is True for name in names)
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return any(name in flags for name in _CPU_BF16)
 
 
 #: Matmul kernels oneDNN and ideep each keep (their default is 1024): bf16 matmuls on a CPU run through them.
@@ -509,7 +530,7 @@ def inference_precision(device: str | None = None) -> str:
 def for_inference(model):
     """``model`` (a transformers or peft model) set up to generate in bf16 where the hardware computes it natively.
 
-    A model on the CPU moves to the GPU where there is one (``load_model`` loads onto the CPU). Where the
+    A model on the CPU moves to the GPU where there is one, CUDA or Apple's MPS (``load_model`` loads onto the CPU). Where the
     hardware computes bf16 natively (``inference_bf16``) the frozen linear layers hold bf16 weights and the
     forward runs under bf16 autocast: every matmul, the output head's too, in bf16, as a bf16 checkpoint is
     served; norms and the residual stream stay fp32. Elsewhere the precision is unchanged. On the default
@@ -518,8 +539,9 @@ def for_inference(model):
     """
     import torch
 
-    if torch.cuda.is_available() and model.device.type == "cpu":
-        model = model.to("cuda")
+    target = _device()
+    if target != "cpu" and model.device.type == "cpu":
+        model = model.to(target)
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     done = getattr(inner, "_agentpeft_bf16", False)
     if done or inner.dtype != torch.float32 or not inference_bf16(inner.device.type):
@@ -552,6 +574,8 @@ def device_name() -> str:
                     if line.startswith("model name")), "")
     except OSError:
         cpu = ""
+    if not cpu and hasattr(torch.cpu, "get_capabilities"):
+        cpu = str(torch.cpu.get_capabilities().get("cpu_name") or "")
     return f"{cpu or platform.machine()} CPU, {'native' if bf16_supported() else 'no native'} bf16"
 
 
@@ -584,7 +608,7 @@ def load_model(folder: Path | str, quantized: bool = False, dequantized: bool = 
     kwargs: dict = {"dtype": torch.float32, "use_safetensors": check_weights(folder), "trust_remote_code": False}
     if quantized or dequantized:
         kwargs["quantization_config"] = nf4_config()
-        kwargs["device_map"] = _device()
+        kwargs["device_map"] = "cuda" if _device() == "cuda" else "cpu"  # bitsandbytes' 4-bit kernels: CUDA or CPU
     model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
     if dequantized:
         model = model.dequantize(dtype=torch.float32)
@@ -618,9 +642,15 @@ def load_tuned(base_dir: Path | str, adapter_dir: Path | str, merge: bool = Fals
 
 
 def _device() -> str:
+    """Where a model generates: ``cuda``, ``mps`` (Apple silicon, macOS) or ``cpu``."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return "mps"
+    return "cpu"
 
 
 def chat_prompt(system_prompt: str | None, question: str) -> list[dict]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import logging
 import os
@@ -11,8 +10,14 @@ import re
 import shutil
 import signal
 import tempfile
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
+
+with warnings.catch_warnings():  # without fcntl it warns that only its soft lock is left: held_lock uses that one then
+    warnings.simplefilter("ignore")
+    import filelock
 
 from .errors import AgentpeftError
 from .models import home
@@ -233,30 +238,94 @@ def export(ref: str, directory: str | Path, format: str = "hf", quant: str | Non
 def _open_lock(path: Path) -> int:
     """A file descriptor on the lock file ``path``, created if missing, never through a symbolic link.
 
-    Opened for reading and writing but never truncated or written: it only carries the flock. A lock
-    that is a symbolic link is refused, since opening it would create or touch the file it points to.
+    Opened for reading and writing but never truncated: it carries the lock (and, for a build, the
+    holder's pid). A lock that is a symbolic link is refused, since opening it would create or touch
+    the file it points to.
     """
     nofollow = getattr(os, "O_NOFOLLOW", 0)
-    if not nofollow and path.is_symlink():  # without O_NOFOLLOW, checked before opening instead
+    if not nofollow and path.is_symlink():  # without O_NOFOLLOW (Windows), checked before opening instead
         raise AgentpeftError(f"lock file {path} is a symbolic link; remove it (it holds nothing) and retry")
+    flags = os.O_RDWR | os.O_CREAT | nofollow | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
     try:
-        return os.open(path, os.O_RDWR | os.O_CREAT | nofollow | getattr(os, "O_CLOEXEC", 0), 0o644)
+        return os.open(path, flags, 0o644)
     except OSError as exc:
         if exc.errno == errno.ELOOP or path.is_symlink():
             raise AgentpeftError(f"lock file {path} is a symbolic link; remove it (it holds nothing) and retry") from None
         raise
 
 
+class LockBusy(Exception):
+    """A non-blocking :func:`held_lock` found the lock taken; ``holder`` is its pid or ``"unknown"``."""
+
+    def __init__(self, path: Path, holder: str) -> None:
+        super().__init__(f"{path} is held by pid {holder}")
+        self.path, self.holder = path, holder
+
+
+#: Whether this platform has a native file lock (flock, or LockFileEx on Windows) for filelock to use.
+NATIVE_LOCKS = filelock.has_fcntl or os.name == "nt"
+
+
 @contextmanager
-def _lock(name: str):
+def held_lock(path: Path, blocking: bool = True, record_pid: bool = False) -> Iterator[Path]:
+    """Hold the lock file ``path`` for the ``with`` block; yields the file that carries the lock.
+
+    The lock is filelock's native one (flock, or LockFileEx on Windows) on a descriptor from
+    :func:`_open_lock`: the operating system drops it when its holder dies, so a killed process never
+    leaves a stale lock. ``record_pid`` writes the holder's pid into the file, from its second byte
+    (Windows locks the first byte, which other processes then cannot read). Without a native lock,
+    a filelock soft lock (a marker file ``PATH.held`` naming its pid, reclaimed from a dead holder on
+    the same host) stands in. ``blocking=False`` raises :class:`LockBusy` instead of waiting.
+    """
+    if not NATIVE_LOCKS:
+        marker = path.with_name(path.name + ".held")
+        for candidate in (path, marker):
+            if candidate.is_symlink():
+                raise AgentpeftError(f"lock file {candidate} is a symbolic link; remove it (it holds nothing) and retry")
+        soft = filelock.SoftFileLock(str(marker), timeout=-1 if blocking else 0)
+        try:
+            soft.acquire(blocking=blocking)
+        except filelock.Timeout:
+            raise LockBusy(marker, str(soft.pid or "unknown")) from None
+        try:
+            yield marker
+        finally:
+            soft.release()
+        return
+    fd = _open_lock(path)
+    try:
+        if not filelock.lock_descriptor(fd, blocking=blocking):
+            raise LockBusy(path, _recorded_pid(fd))
+        try:
+            if record_pid:
+                os.ftruncate(fd, 0)
+                os.lseek(fd, 0, os.SEEK_SET)
+                os.write(fd, f"\n{os.getpid()}\n".encode())
+            yield path
+        finally:
+            filelock.unlock_descriptor(fd)
+    finally:
+        os.close(fd)
+
+
+def _recorded_pid(fd: int) -> str:
+    """The pid written into a lock file by its holder, or ``"unknown"``."""
+    for offset in (0, 1):  # Windows refuses to read the locked first byte to anyone but the holder
+        try:
+            os.lseek(fd, offset, os.SEEK_SET)
+            return os.read(fd, 64).decode("ascii", "replace").strip() or "unknown"
+        except OSError:
+            continue
+    return "unknown"
+
+
+@contextmanager
+def _lock(name: str) -> Iterator[Path]:
+    """Hold the registry lock of ``name`` (waiting for it); yields the name's registry folder."""
     folder = registry_dir() / name
     folder.mkdir(parents=True, exist_ok=True)
-    with os.fdopen(_open_lock(folder / ".lock"), "r+b", buffering=0) as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield folder
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with held_lock(folder / ".lock"):
+        yield folder
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import inspect
 import json
@@ -20,7 +19,7 @@ from ..errors import AgentpeftError, disk_error
 from ..models import ALIASES, accepts_allow_pickle, base_info, home, load_tokenizer, resolve_base
 from ..recipe import Recipe, configure, get_recipe
 from ..progress import set_enabled
-from ..registry import _open_lock, check_name, publish
+from ..registry import LockBusy, check_name, held_lock, publish
 from ..retrieval import KB_FILE, save_chunks
 from .dataset import make_dataset
 from .evaluate import EvalResult, evaluate
@@ -47,8 +46,8 @@ def _exclusive(run: Callable[..., BuildResult]) -> Callable[..., BuildResult]:
     """Run a build holding its name's build lock, with ``allow_pickle``, disk errors made one line.
 
     A second build of the same name fails at once (it does not wait) with an error naming the lock.
-    The lock is an flock on ``AGENTPEFT_HOME/locks/build-NAME.lock``: the kernel drops it when the
-    holder dies, so a killed build never leaves a stale lock behind.
+    The lock is ``AGENTPEFT_HOME/locks/build-NAME.lock``, held with :func:`~agentpeft.registry.held_lock`:
+    the operating system drops it when the holder dies, so a killed build never leaves a stale lock behind.
     """
 
     @functools.wraps(run)
@@ -63,21 +62,13 @@ def _exclusive(run: Callable[..., BuildResult]) -> Callable[..., BuildResult]:
         try:
             lock_path = home() / "locks" / f"build-{name}.lock"
             lock_path.parent.mkdir(parents=True, exist_ok=True)
-            # never through a symbolic link: opening one would create or truncate the file it points to
-            with os.fdopen(_open_lock(lock_path), "r+") as lock:
-                try:
-                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    lock.seek(0)
-                    holder = lock.read().strip() or "unknown"
-                    raise AgentpeftError(
-                        f"another build of {name!r} is running (pid {holder}, lock {lock_path}); "
-                        f"wait for it to finish or build under another --name") from None
-                lock.seek(0)
-                lock.truncate(0)
-                lock.write(f"{os.getpid()}\n")
-                lock.flush()
-                return run(*bound.args, **bound.kwargs)
+            try:  # held_lock never opens a symbolic link: that would create or truncate the file it points to
+                with held_lock(lock_path, blocking=False, record_pid=True):
+                    return run(*bound.args, **bound.kwargs)
+            except LockBusy as busy:  # raised on entry only: the build itself never waits on this lock
+                raise AgentpeftError(
+                    f"another build of {name!r} is running (pid {busy.holder}, lock {busy.path}); "
+                    f"wait for it to finish or build under another --name") from None
         except AgentpeftError:
             raise
         except Exception as exc:  # OSError, or a Rust library's error carrying one (disk_error)
