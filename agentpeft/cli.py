@@ -354,6 +354,18 @@ def export(ref, directory, fmt, quant):
 
 
 @cli.command()
+@click.argument("ref")
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="Create the repository private (an existing one keeps its visibility).")
+def push(ref, repo_id, private):
+    """Upload a registered model version (REF: NAME or NAME@VERSION), exported in hf format, to the Hugging Face
+    Hub model repository REPO_ID (OWNER/NAME, created if missing). Needs HF_TOKEN or a token saved by `hf auth login`."""
+    from .hub import push as push_entry
+
+    click.echo(f"pushed {ref} to {repo_id}: {push_entry(ref, repo_id, private=private)}")
+
+
+@cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def plugins(as_json):
     """List the loaded plugins and those that failed to load."""

@@ -13,7 +13,7 @@ import tempfile
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 with warnings.catch_warnings():  # without fcntl it warns that only its soft lock is left: held_lock uses that one then
     warnings.simplefilter("ignore")
@@ -21,6 +21,9 @@ with warnings.catch_warnings():  # without fcntl it warns that only its soft loc
 
 from .errors import AgentpeftError
 from .models import home
+
+if TYPE_CHECKING:
+    from huggingface_hub import ModelCardData
 
 log = logging.getLogger(__name__)
 
@@ -408,8 +411,28 @@ def _test_kill_point(point: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def card_data(m: dict) -> ModelCardData:
+    """The model card's metadata for a manifest, as ``huggingface_hub.ModelCardData``: base model, license,
+    tags, the knowledge base's dataset (named after the recipe) and the tuned model's held-out figures as
+    ``EvalResult``s, which a hub renders as the card's results."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    ev = m.get("metrics", {})
+    dataset = f"{m['recipe']}-kb"
+    results = [EvalResult(task_type="text-generation", dataset_type=dataset,
+                          dataset_name=f"{m['recipe']} held-out questions", dataset_split="eval",
+                          metric_type=metric, metric_value=float(value))
+               for metric, value in ev.get("tuned", {}).items()]
+    return ModelCardData(base_model=m["base_model"]["name"], library_name="peft",
+                         license=m["base_model"].get("license", "other"),
+                         tags=["agentpeft", m["train"]["config"]["method"], m["recipe"]], datasets=[dataset],
+                         model_name=m["name"], eval_results=results or None)
+
+
 def model_card(m: dict) -> str:
-    """A Hugging Face style model card for a manifest."""
+    """A Hugging Face model card for a manifest: ``card_data``'s metadata, then the card's text."""
+    from huggingface_hub import ModelCard
+
     ev = m.get("metrics", {})
     rows = "\n".join(f"| {k} | {ev['base'][k]:.3f} | {ev['tuned'][k]:.3f} |" for k in ev.get("tuned", {}))
     trained = m.get("train", {})
@@ -425,13 +448,7 @@ def model_card(m: dict) -> str:
                        f"max logit difference to the unmerged adapter {m['merge']['max_logit_diff']:.2e}{rounding}."
                        + (" Its chat template puts the system prompt first when a chat brings none."
                           if "dtype" in m["merge"] and m.get("system_prompt") else ""))
-    return f"""---
-base_model: {m['base_model']['name']}
-library_name: peft
-license: {m['base_model'].get('license', 'other')}
-tags: [agentpeft, {m['train']['config']['method']}, {m['recipe']}]
----
-
+    return str(ModelCard(f"---\n{card_data(m).to_yaml()}\n---\n" + f"""
 # {m['name']} (version {m['version']})
 
 {m.get('description', '')}
@@ -465,4 +482,4 @@ from agentpeft.langchain import load_llm
 llm = load_llm("{m['name']}")
 print(llm.invoke("...").content)
 ```
-"""
+"""))
