@@ -97,3 +97,17 @@ def install_plugin(monkeypatch):
         plugins.pm.unregister(name=name)
     plugins.plugin_packages.clear()
     plugins.plugin_packages.update(packages)
+
+
+def one_line_error(result, *fragments: str, progress: bool = False) -> str:
+    """Assert a CliRunner result is exit 1 with one ``Error:`` line holding ``fragments`` and no traceback; with
+    ``progress``, the progress lines of the stages that ran may come before it."""
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    lines = result.output.strip().splitlines()
+    assert lines and lines[-1].startswith("Error: "), result.output
+    assert (sum(line.startswith("Error") for line in lines) if progress else len(lines)) == 1, result.output
+    for fragment in fragments:
+        assert fragment in lines[-1], lines[-1]
+    return lines[-1]

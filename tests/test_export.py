@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 from click.testing import CliRunner
+from conftest import one_line_error as _one_line_error
 
 QUESTIONS = ["What is your return policy?", "How do I reset my device?", "Where is my order?"]
 
@@ -17,16 +18,6 @@ QUESTIONS = ["What is your return policy?", "How do I reset my device?", "Where 
 def reg(registered, monkeypatch):
     monkeypatch.setenv("AGENTPEFT_HOME", str(registered["home"]))
     return registered["home"] / "registry"
-
-
-def _one_line_error(result, *fragments: str) -> str:
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output and (result.exception is None or isinstance(result.exception, SystemExit))
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 def _merged(reg):

@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from agentpeft import registry
 from agentpeft.cli import cli
 from agentpeft.errors import AgentpeftError
+from conftest import one_line_error
 
 
 def _seed(name: str = "bot", versions: int = 1) -> list[Path]:
@@ -33,15 +34,7 @@ def _seed(name: str = "bot", versions: int = 1) -> list[Path]:
 
 
 def _one_line_error(result, *fragments: str) -> str:
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    lines = result.output.strip().splitlines()
-    assert lines and lines[-1].startswith("Error: "), result.output
-    assert sum(line.startswith("Error") for line in lines) == 1, result.output
-    for fragment in fragments:
-        assert fragment in lines[-1], lines[-1]
-    return lines[-1]
+    return one_line_error(result, *fragments, progress=True)
 
 
 # --- Registry references ---------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from huggingface_hub import HfApi, ModelCard
 
 from agentpeft import registry
 from agentpeft.cli import cli
+from conftest import one_line_error as _one_line_error
 
 
 def _publish(tmp_path: Path, name: str = "bot") -> Path:
@@ -26,16 +27,6 @@ def _publish(tmp_path: Path, name: str = "bot") -> Path:
                 "metrics": {"primary": "key_fact", "base": {"key_fact": 0.25, "rougeL": 0.1},
                             "tuned": {"key_fact": 0.9, "rougeL": 0.6}}}
     return registry.publish(name, {"adapter": src}, manifest)[1]
-
-
-def _one_line_error(result, *fragments: str) -> str:
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output and (result.exception is None or isinstance(result.exception, SystemExit))
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 def test_the_model_card_carries_hub_metadata_and_its_text(home, tmp_path):

@@ -26,6 +26,7 @@ from click.testing import CliRunner
 from agentpeft import models, registry
 from agentpeft.cli import cli
 from agentpeft.errors import AgentpeftError, PickleRefusedError
+from conftest import one_line_error
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,15 +75,7 @@ def _seed(name: str = "bot") -> Path:
 
 
 def _one_line_error(result, *fragments: str) -> str:
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    lines = result.output.strip().splitlines()  # progress lines of the stages that ran may come first
-    assert lines and lines[-1].startswith("Error: "), result.output
-    assert sum(line.startswith("Error") for line in lines) == 1, result.output
-    for fragment in fragments:
-        assert fragment in lines[-1], lines[-1]
-    return lines[-1]
+    return one_line_error(result, *fragments, progress=True)
 
 
 def _build_args(base: Path, *extra: str) -> list[str]:
