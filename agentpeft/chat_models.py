@@ -25,7 +25,7 @@ from pydantic import Field, PrivateAttr
 
 from . import registry
 from .errors import AgentpeftError
-from .models import for_inference
+from .models import for_inference, tool_format
 
 
 @dataclass
@@ -61,6 +61,8 @@ class SpecialistChat(ChatHuggingFace):
     #: Retrieval-augmented mode: question -> passages put before the last user question.
     retrieve: Any = None
     _gen_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+    #: (chat template, its tool format): worked out once per template.
+    _tool_format: tuple[Any, str] | None = PrivateAttr(default=None)
 
     # BaseChatModel's own async versions run the sync ones in an executor thread.
     _agenerate = BaseChatModel._agenerate
@@ -71,14 +73,36 @@ class SpecialistChat(ChatHuggingFace):
         return "agentpeft-specialist"
 
     # --- prompt ---------------------------------------------------------------------------------
+    @property
+    def tool_format(self) -> str:
+        """How tools reach this model: ``"chat-template"`` (its chat template's own tool support) or
+        ``"agentpeft"`` (described in the system prompt; see ``agentpeft.models.TOOL_FORMATS``)."""
+        template = self.tokenizer.chat_template
+        if self._tool_format is None or self._tool_format[0] != template:
+            self._tool_format = (template, tool_format(self.tokenizer))
+        return self._tool_format[1]
+
     def chat_messages(self, messages: list[BaseMessage], tools: list[dict] | None = None) -> list[dict]:
-        """Role/content dicts for the chat template: system prompt first, tools described in it."""
+        """Message dicts for the chat template, system prompt first. With the ``chat-template`` tool format,
+        tool calls and results are ``tool_calls`` and ``tool`` messages and the template renders the tools
+        (``_to_chat_prompt`` passes them); with ``agentpeft``, they are text and the tools are described
+        in the system prompt."""
+        native = self.tool_format == "chat-template"
         out: list[dict] = []
         for m in messages:
             if isinstance(m, SystemMessage):
                 out.append({"role": "system", "content": m.text})
             elif isinstance(m, HumanMessage):
                 out.append({"role": "user", "content": m.text})
+            elif isinstance(m, AIMessage) and native:
+                out.append({"role": "assistant", "content": m.text})
+                if m.tool_calls:
+                    out[-1]["tool_calls"] = [
+                        {"type": "function", "function": {"name": c["name"], "arguments": c["args"]},
+                         **({"id": c["id"]} if c.get("id") else {})} for c in m.tool_calls]
+            elif isinstance(m, ToolMessage) and native:
+                out.append({"role": "tool", "content": m.text, "tool_call_id": m.tool_call_id,
+                            **({"name": m.name} if m.name else {})})
             elif isinstance(m, AIMessage):
                 calls = "".join(f"\n{_TAG}{json.dumps({'name': c['name'], 'arguments': c['args']})}</tool_call>"
                                 for c in m.tool_calls)
@@ -97,7 +121,7 @@ class SpecialistChat(ChatHuggingFace):
             out[-1] = {"role": "user", "content": augment_question(question, self.retrieve(question))}
         if self.system_prompt and not (out and out[0]["role"] == "system"):
             out.insert(0, {"role": "system", "content": self.system_prompt})
-        if tools:
+        if tools and not native:
             note = _tool_instructions(tools)
             if out and out[0]["role"] == "system":
                 out[0] = {"role": "system", "content": f"{out[0]['content']}\n\n{note}"}
@@ -108,8 +132,9 @@ class SpecialistChat(ChatHuggingFace):
     def _to_chat_prompt(self, messages: list[BaseMessage], tools: list[dict] | None = None) -> str:
         if not messages:
             raise ValueError("at least one message is needed")
+        native = {"tools": tools} if tools and self.tool_format == "chat-template" else {}
         return self.tokenizer.apply_chat_template(self.chat_messages(messages, tools), tokenize=False,
-                                                  add_generation_prompt=True)
+                                                  add_generation_prompt=True, **native)
 
     def count_tokens(self, text: str) -> int:
         """Tokens in ``text`` (a rendered prompt or a reply)."""
@@ -152,7 +177,8 @@ class SpecialistChat(ChatHuggingFace):
                 yield
 
     def _message(self, text: str, prompt: str, gen: dict, tools: list[dict] | None) -> tuple[str, list, list, dict]:
-        content, calls, invalid = parse_tool_calls(text) if tools else (text, [], [])
+        content, calls, invalid = (parse_tool_calls(text, bare_json=self.tool_format == "chat-template")
+                                   if tools else (text, [], []))
         out_tokens = self.count_tokens(text)
         finish = ("tool_calls" if calls else
                   "length" if out_tokens >= gen.get("max_new_tokens", 1 << 30) else "stop")
@@ -201,11 +227,13 @@ class SpecialistChat(ChatHuggingFace):
         worker = threading.Thread(target=run, daemon=True)
         worker.start()
         holds = [*(stop or []), *([_TAG] if tools else [])]
+        # A reply that may be a bare JSON call (the chat-template format of Llama 3.1, Mistral) waits for its end.
+        bare = bool(tools) and self.tool_format == "chat-template"
         text, sent = "", 0
         try:
             for piece in streamer:
                 text += piece
-                safe = _safe_prefix(text, holds)
+                safe = "" if bare and text.lstrip()[:1] in ("", "{", "[") else _safe_prefix(text, holds)
                 if len(safe) > sent:
                     yield ChatGenerationChunk(message=AIMessageChunk(content=safe[sent:]))
                     sent = len(safe)
@@ -270,23 +298,60 @@ def _tool_instructions(tools: list[dict]) -> str:
             "Tool results come back inside <tool_response></tool_response>.")
 
 
-def parse_tool_calls(text: str) -> tuple[str, list[dict], list[dict]]:
-    """Split a reply into its text and the ``<tool_call>{json}</tool_call>`` calls in it."""
+def _tool_call(data: Any) -> dict | None:
+    """A LangChain tool call from a parsed ``{"name": ..., "arguments": {...}}`` (or ``"parameters"``,
+    ``"args"``, arguments as a JSON string, the object inside ``"function"``); None if it is not one."""
+    if isinstance(data, dict) and "name" not in data and isinstance(data.get("function"), dict):
+        data = data["function"]
+    if not isinstance(data, dict):
+        return None
+    args = next((data[k] for k in ("arguments", "parameters", "args") if k in data), {})
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except ValueError:
+            return None
+    if not isinstance(data.get("name"), str) or not isinstance(args, dict):
+        return None
+    return {"name": data["name"], "args": args, "id": f"call_{uuid.uuid4().hex[:16]}", "type": "tool_call"}
+
+
+def _bare_calls(text: str) -> list[dict]:
+    """The calls of a reply that is nothing but a JSON call or a JSON list of calls (after Llama 3.1's
+    ``<|python_tag|>`` or Mistral's ``[TOOL_CALLS]``, where decoding kept them); [] for any other reply."""
+    body = text.strip()
+    for marker in ("<|python_tag|>", "[TOOL_CALLS]"):
+        body = body.removeprefix(marker).strip()
+    if body[:1] not in ("{", "["):
+        return []
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return []
+    calls = [_tool_call(d) for d in (data if isinstance(data, list) else [data])]
+    return calls if calls and all(calls) else []
+
+
+def parse_tool_calls(text: str, bare_json: bool = False) -> tuple[str, list[dict], list[dict]]:
+    """Split a reply into its text and the ``<tool_call>{json}</tool_call>`` calls in it (Qwen's and Hermes'
+    format, and agentpeft's own). ``bare_json`` also reads a reply that is only a JSON call or list of
+    calls, as the chat templates of Llama 3.1 and Mistral have a model reply."""
+    if bare_json and (calls := _bare_calls(text)):
+        return "", calls, []
     start = text.find(_TAG)
     if start < 0:
         return text, [], []
     calls, invalid = [], []
     for raw in _TOOL_CALL.findall(text[start:]):
-        call_id = f"call_{uuid.uuid4().hex[:16]}"
         try:
-            data = json.loads(raw)
-            name, args = data["name"], data.get("arguments", data.get("args", {}))
-            if not isinstance(name, str) or not isinstance(args, dict):
-                raise TypeError
-            calls.append({"name": name, "args": args, "id": call_id, "type": "tool_call"})
-        except (ValueError, KeyError, TypeError):
-            invalid.append({"name": None, "args": raw, "id": call_id, "error": "not a JSON tool call",
-                            "type": "invalid_tool_call"})
+            call = _tool_call(json.loads(raw))
+        except ValueError:
+            call = None
+        if call:
+            calls.append(call)
+        else:
+            invalid.append({"name": None, "args": raw, "id": f"call_{uuid.uuid4().hex[:16]}",
+                            "error": "not a JSON tool call", "type": "invalid_tool_call"})
     return text[:start], calls, invalid
 
 

@@ -420,6 +420,30 @@ def load_tokenizer(folder: Path | str):
     return tokenizer
 
 
+#: How tools reach a model: ``chat-template``, through its chat template's own tool support (the tools as
+#: ``apply_chat_template(tools=...)`` renders them, calls and results as ``tool_calls`` and ``tool`` messages);
+#: ``agentpeft``, for a template without one: the tools described in the system prompt, calls as
+#: ``<tool_call>{json}</tool_call>`` text, results as ``<tool_response>`` user turns.
+TOOL_FORMATS = ("chat-template", "agentpeft")
+_PROBE_TOOL = {"type": "function", "function": {
+    "name": "agentpeft_probe_tool", "description": "Whether the chat template renders tools.",
+    "parameters": {"type": "object", "properties": {}}}}
+
+
+def tool_format(tokenizer) -> str:
+    """``"chat-template"`` when the tokenizer's chat template renders a ``tools=`` list (as Qwen2.5's,
+    Llama 3.1's, Hermes' and Mistral's do), else ``"agentpeft"`` (see ``TOOL_FORMATS``)."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template or "tools" not in str(template):
+        return "agentpeft"
+    try:
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tools=[_PROBE_TOOL],
+                                                 tokenize=False, add_generation_prompt=True)
+    except Exception:  # a template that fails on a tools list (raise_exception, a missing variable) has no use for it
+        return "agentpeft"
+    return "chat-template" if _PROBE_TOOL["function"]["name"] in str(rendered) else "agentpeft"
+
+
 def bf16_supported() -> bool:
     """Whether the hardware training runs on computes bf16 natively: CUDA with bf16, else the CPU
     (AVX512-BF16, AMX or ARM's BF16 extension). Training on Apple silicon runs on its CPU."""

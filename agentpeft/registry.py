@@ -482,4 +482,15 @@ from agentpeft.langchain import load_llm
 llm = load_llm("{m['name']}")
 print(llm.invoke("...").content)
 ```
-"""))
+{_tool_format_line(m.get("tool_format"))}"""))
+
+
+def _tool_format_line(fmt: str | None) -> str:
+    """The card's line on how tools reach the model (the manifest's ``tool_format``); empty without one."""
+    if fmt == "chat-template":
+        return ("\nTools: in its chat template's own format (`tool_format: chat-template`): the template renders "
+                "the tools, the tool calls and their results.\n")
+    if fmt == "agentpeft":
+        return ("\nTools: its chat template has none, so bound tools are described in the system prompt and called "
+                "as `<tool_call>{json}</tool_call>` (`tool_format: agentpeft`).\n")
+    return ""

@@ -16,7 +16,7 @@ from typing import Callable
 
 from .. import __version__
 from ..errors import AgentpeftError, disk_error
-from ..models import ALIASES, accepts_allow_pickle, base_info, home, load_tokenizer, resolve_base
+from ..models import ALIASES, accepts_allow_pickle, base_info, home, load_tokenizer, resolve_base, tool_format
 from ..recipe import Recipe, configure, get_recipe
 from ..progress import set_enabled
 from ..registry import LockBusy, check_name, held_lock, publish
@@ -202,6 +202,7 @@ def build(recipe: str | Recipe, kb: str | Path | None = None, name: str | None =
         "base_model": base_info(base_dir),
         "knowledge_base": str(recipe.kb_path),
         "tools": list(recipe.tools),
+        "tool_format": tool_format(load_tokenizer(base_dir)),
         "dataset": data.card,
         "train": {"config": recipe.train.model_dump(), "steps": trained.steps, "final_loss": trained.final_loss,
                   "seconds": round(trained.seconds, 1), "tokens": trained.tokens,
