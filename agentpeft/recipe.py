@@ -149,14 +149,16 @@ class EvalConfig(_Strict):
 
 
 class RetrievalConfig(_Strict):
-    """Retrieval-augmented mode: top kb_search passages in the prompt, trained RAFT-style."""
+    """Retrieval-augmented mode: the question's best knowledge-base sentences in the prompt, trained RAFT-style."""
 
     enabled: bool | Literal["auto"] = Field("auto", description=(
         "true: questions are asked with their top kb_search passages, in training, evaluation and use; auto: on when "
         "at least prose_share of the knowledge base's facts come from prose synthesis"))
-    k: int = Field(2, ge=1, le=20, description="passages put into each prompt")
-    distractors: int = Field(1, ge=0, le=20, description=(
-        "of a training prompt's k passages, how many are unrelated ones in place of retrieved ones (RAFT)"))
+    k: int = Field(3, ge=1, le=20, description=(
+        "sentences put into each prompt, the best first, each under its section's heading"))
+    distractors: int = Field(0, ge=0, le=20, description=(
+        "of a training prompt's k sentences, how many of the lowest-ranked retrieved ones are replaced by unrelated "
+        "ones (RAFT); the retrieved ones that do not answer the question already teach the model to ignore a sentence"))
     prose_share: float = Field(0.5, ge=0, le=1, description="the share of prose-synthesized facts that turns auto on")
     max_seq_len: int = Field(384, ge=64, description=(
         "longest training row with its passages, in tokens (train.max_seq_len where that is longer)"))
@@ -190,7 +192,7 @@ class Recipe(_Strict):
     eval: EvalConfig = Field(EvalConfig(), description="metrics and generation settings of the evaluation")
     tools: list[str] = Field([], description="tools the registered model gets (kb_search, create_ticket, ...)")
     retrieval: RetrievalConfig = Field(RetrievalConfig(), description=(
-        "retrieval-augmented mode: top kb_search passages in the prompt, trained RAFT-style"))
+        "retrieval-augmented mode: the question's best knowledge-base sentences in the prompt, trained RAFT-style"))
     merge: MergeConfig = Field(MergeConfig(), description="how the merged checkpoint is stored")
     #: Folder of the recipe file; a relative knowledge_base resolves against it.
     root: Path | None = Field(None, exclude=True)

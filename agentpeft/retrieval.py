@@ -4,6 +4,11 @@ and the prompt of retrieval-augmented mode, shared by training, evaluation, ``lo
 Passages are matched to a question by the cosine similarity of their sentence embeddings
 (all-MiniLM-L6-v2, ``agentpeft.models.resolve_embedder``): a user's question rarely uses the words of
 the page that answers it ("a desk that's always mine" for "Dedicated Desk"), which word matching misses.
+
+``kb_search`` returns whole passages. The retrieval-augmented prompt carries the question's best
+*sentences* instead, each under its section's heading, ranked by their own similarity plus half their
+passage's: a small model asked with two whole passages often answers with the wrong sentence of the
+right passage, and with a few ranked sentences it has less to choose from and a shorter prompt to read.
 """
 
 from __future__ import annotations
@@ -27,9 +32,13 @@ PASSAGE_CHARS = 500
 #: about a knowledge base score above it with their best passage; general questions ("What is the capital
 #: of France?") score below it with every passage, so they are asked as they are.
 MIN_SIMILARITY = 0.3
+#: Weight of a sentence's passage in its ranking: a sentence is scored by its own similarity to the question
+#: plus this much of its passage's, so that a sentence of the passage that answers the question outranks a
+#: like-worded one elsewhere.
+PASSAGE_WEIGHT = 0.5
 #: Tokens of a passage the embedding model reads (all-MiniLM-L6-v2 was trained on up to 256).
 EMBED_MAX_TOKENS = 256
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n\s*\n|\n(?=\s*(?:[-*+]|\d+[.)])\s)")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"(])|\n\s*\n|\n(?=\s*(?:[-*+]|\d+[.)])\s)")
 
 
 class Embedder:
@@ -174,8 +183,14 @@ def _passage_vectors(embed: Embedder, texts: list[str]):
     return vectors
 
 
+def sentences(passage: Document) -> list[Document]:
+    """A passage's sentences and list items, each a Document with the passage's metadata."""
+    return [Document(page_content=piece.strip(), metadata=passage.metadata)
+            for piece in _SENTENCE_END.split(passage.page_content) if piece and piece.strip()]
+
+
 class PassageIndex:
-    """Semantic search over the passages of knowledge-base chunks (:func:`passages`)."""
+    """Semantic search over the passages of knowledge-base chunks (:func:`passages`) and their sentences."""
 
     def __init__(self, documents: list[Document]):
         self.documents = passages([d for d in documents if d.page_content.strip()])
@@ -183,6 +198,33 @@ class PassageIndex:
             raise AgentpeftError("the knowledge base has no text to search; rebuild with a non-empty knowledge base")
         self._embed = embedder()
         self._vectors = _passage_vectors(self._embed, [passage_text(d) for d in self.documents])
+        #: every passage's sentences, and the passage each one belongs to
+        self.sentences = [(i, s) for i, d in enumerate(self.documents) for s in sentences(d)]
+        self._sentence_vectors = _passage_vectors(self._embed, [passage_text(s) for _, s in self.sentences])
+        self._owner = {id(s): i for i, s in self.sentences}
+
+    def passage_of(self, sentence: Document) -> int:
+        """The position in :attr:`documents` of the passage a sentence of :attr:`sentences` belongs to."""
+        return self._owner[id(sentence)]
+
+    def best_sentences(self, query: str, k: int = 3) -> list[tuple[Document, float]]:
+        """The ``k`` sentences that best answer ``query`` (their similarity plus :data:`PASSAGE_WEIGHT` times
+        their passage's), best first; none when no passage reaches :data:`MIN_SIMILARITY`."""
+        if not query.strip():
+            return []
+        q = self._embed([query])[0]
+        passage_scores = self._vectors @ q
+        if float(passage_scores.max()) < MIN_SIMILARITY:
+            return []
+        owner = [i for i, _ in self.sentences]
+        scores = (self._sentence_vectors @ q + PASSAGE_WEIGHT * passage_scores[owner]).tolist()
+        order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+        return [(self.sentences[i][1], float(scores[i])) for i in order[:k]]
+
+    def closest_sentence(self, text: str) -> Document:
+        """The sentence most like ``text`` (the one a trained answer was taken from)."""
+        scores = (self._sentence_vectors @ self._embed([text])[0]).tolist()
+        return self.sentences[max(range(len(scores)), key=lambda i: (scores[i], -i))][1]
 
     def search(self, query: str, k: int = 3) -> list[tuple[Document, float]]:
         """The ``k`` passages most similar to ``query`` with their cosine similarity; passages below
@@ -200,8 +242,8 @@ _LABEL_LINE = re.compile(r"(?im)^(\s*(?:question|passages)\s*:|\s*\[\d+\])")
 
 
 def augment_question(question: str, found: list[Document]) -> str:
-    """The user turn of retrieval-augmented mode: numbered passages, then the question (the question alone
-    when no passage is related to it, as for a general question)."""
+    """The user turn of retrieval-augmented mode: numbered passages (or sentences) under their headings, then
+    the question (the question alone when nothing is related to it, as for a general question)."""
     if not found:
         return question
     lines = [f"[{i}] " + _LABEL_LINE.sub(r"> \1", passage_text(d)) for i, d in enumerate(found, 1)]
@@ -209,5 +251,5 @@ def augment_question(question: str, found: list[Document]) -> str:
 
 
 def retrieve(index: PassageIndex, question: str, k: int) -> list[Document]:
-    """The top ``k`` passages for ``question``: what every retrieval-augmented prompt is given."""
-    return [doc for doc, _ in index.search(question, k)]
+    """The top ``k`` sentences for ``question``: what every retrieval-augmented prompt is given."""
+    return [doc for doc, _ in index.best_sentences(question, k)]

@@ -3,8 +3,9 @@
 For each benchmark knowledge base under bench/kbs/ (kb/ and questions.jsonl: questions written by people,
 phrased unlike the text, each with a key fact), ingests the knowledge base as a build does and counts:
 
-- recall@k: the share of its human questions whose top ``k`` retrieved passages hold the key fact (the
-  metric agentpeft's evaluation uses), for k = 1, 2, 3; ``retrieval.k`` is 2;
+- recall@k: the share of its human questions whose top ``k`` retrieved sentences (what a retrieval-mode
+  prompt carries) hold the key fact (the metric agentpeft's evaluation uses), for k = 1, 2, 3;
+  ``retrieval.k`` is 3;
 - general questions given passages: how many of the 156 forgetting-probe questions and of the 202 general
   training questions retrieve any passage (the rest are asked as they are).
 

@@ -369,6 +369,35 @@ def test_retrieval_matches_meaning_not_only_words():
     assert retrieve(index, "Who wrote Pride and Prejudice?", 2) == []  # unrelated: asked as it is
 
 
+def test_retrieval_gives_the_sentences_that_answer_best_first():
+    import random
+
+    from langchain_core.documents import Document
+
+    from agentpeft.pipeline.raft import training_passages
+    from agentpeft.retrieval import PassageIndex, retrieve
+
+    index = PassageIndex([
+        Document("Hot desks cost $250 a month. Dedicated desks cost $395 a month and come with a lockable pedestal. "
+                 "The printer is on the second floor.", metadata={"heading": "Plans"}),
+        Document("Guests can stay for three hours without a day pass. A replacement access card costs $22 at the "
+                 "front desk.", metadata={"heading": "Access"}),
+        Document("Parking at Pier 9 costs $16 a day.", metadata={"heading": "Parking"})])
+    found = retrieve(index, "How much a month is it to have a desk that's always mine?", 3)
+    assert found[0].page_content == "Dedicated desks cost $395 a month and come with a lockable pedestal."
+    assert len(found) == 3 and found[0].metadata["heading"] == "Plans"
+    # A sentence that ends in an abbreviation does not end there: "p.m. we" is one sentence.
+    evening = PassageIndex([Document("Every Thursday at 5:30 p.m. we host drinks. Members can bring a guest.")])
+    assert evening.sentences[0][1].page_content == "Every Thursday at 5:30 p.m. we host drinks."
+    # A training question gets its retrieved sentences, with its answer's sentence in the last place where
+    # retrieval missed it, and distractors from passages that were not retrieved.
+    answer = "A replacement access card costs $22 at the front desk."
+    chosen, gold = training_passages(index, "Where is the printer?", answer, 1, 0, random.Random(0))
+    assert chosen == [gold] and gold.page_content == answer
+    chosen, gold = training_passages(index, "What does a new access card cost?", answer, 3, 1, random.Random(0))
+    assert len(chosen) == 3 and gold in chosen[:2] and chosen[-1].metadata["heading"] == "Parking"
+
+
 def test_passage_embeddings_are_computed_once_per_knowledge_base(home, monkeypatch):
     from langchain_core.documents import Document
 

@@ -1,11 +1,12 @@
 """Retrieval-augmented mode (RAFT): training prompts that carry retrieved passages.
 
-With retrieval on, each knowledge question of the train split is rendered with ``k`` passages: its
-top passages with ``distractors`` of them replaced by unrelated ones, shuffled, so the small
-model learns to find the answer in the passages and to ignore the rest. Train-only general pairs are
-trained as they are asked in use: as a plain chat when their question retrieves nothing (most general
-questions), else with the passages it retrieves, unrelated ones that the model learns to ignore. Evaluation and use put the top ``k`` passages into the prompt
-(``agentpeft.retrieval``).
+With retrieval on, each knowledge question of the train split is rendered as it will be asked in use,
+with the top ``k`` sentences retrieved for it in their ranked order (``agentpeft.retrieval.retrieve``),
+and the sentence its answer comes from among them: where retrieval missed it, it takes the lowest rank.
+``distractors`` of the other retrieved sentences are replaced by unrelated ones at the end. The model
+learns to answer from the sentence that fits the question and to ignore the rest. Train-only general
+pairs are trained as they are asked: as a plain chat when their question retrieves nothing (most general
+questions), else with the sentences it retrieves, unrelated ones that the model learns to ignore.
 """
 
 from __future__ import annotations
@@ -39,20 +40,31 @@ class RaftData:
         return text
 
 
-def training_passages(index: PassageIndex, top: list[Document], k: int, rng: random.Random) -> list[Document]:
-    """``k`` passages for a training question: its ``top`` retrieved ones filled up with unrelated ones, shuffled."""
-    others = [d for d in index.documents if all(d is not f for f in top)]
-    found = [*top, *rng.sample(others, min(k - len(top), len(others)))]
-    rng.shuffle(found)
-    return found
+def training_passages(index: PassageIndex, question: str, answer: str, k: int, distractors: int,
+                      rng: random.Random) -> tuple[list[Document], Document]:
+    """The ``k`` sentences a training question is given, in rank order, and the one its answer comes from:
+    the retrieved ones with the answer's sentence in the last place when retrieval missed it, and the
+    lowest-ranked ``distractors`` of the others replaced by unrelated sentences."""
+    gold = index.closest_sentence(answer)
+    found = retrieve(index, question, k) or [gold]
+    if all(d.page_content != gold.page_content for d in found):
+        found[-1] = gold
+    gold = next(d for d in found if d.page_content == gold.page_content)
+    others = [d for d in found if d is not gold]
+    replace = others[len(others) - min(distractors, len(others)):] if distractors else []
+    kept = [d for d in found if all(d is not r for r in replace)]
+    near = {index.passage_of(d) for d in found}
+    unrelated = [i for i in rng.sample(range(len(index.sentences)), min(len(index.sentences), 8 * len(replace) + 8))
+                 if index.sentences[i][0] not in near][:len(replace)]
+    return kept + [index.sentences[i][1] for i in unrelated], gold
 
 
 def augment_dataset(dataset_dir: Path, documents: list[Document], tokenizer, k: int, distractors: int,
                     max_seq_len: int, seed: int = 0) -> RaftData:
     """A copy of a saved DatasetDict, in ``<dir>-raft``, whose knowledge rows' prompts carry passages.
 
-    A row too long for ``max_seq_len`` loses passages, the unrelated ones first, until it fits; one that
-    does not fit with its top passage alone is dropped and counted. The build fails when over half the
+    A row too long for ``max_seq_len`` loses sentences, the answer's own last, until it fits; one that
+    does not fit with the answer's sentence alone is dropped and counted. The build fails when over half the
     rows would be lost. The eval split is left as it is: the evaluate stage adds the passages it retrieves.
     """
     from datasets import Dataset, DatasetDict, load_from_disk
@@ -70,8 +82,9 @@ def augment_dataset(dataset_dir: Path, documents: list[Document], tokenizer, k: 
                 rows.append(row)
                 continue
         else:
-            top = retrieve(index, row["question"], max(k - distractors, 1))
-            chosen = training_passages(index, top, k, rng)
+            chosen, gold = training_passages(index, row["question"], row["answer"], k,
+                                             distractors, rng)
+            top = [gold]
         offered = len(chosen)
         relevant = {id(d) for d in top}
         fitted = None
@@ -83,7 +96,7 @@ def augment_dataset(dataset_dir: Path, documents: list[Document], tokenizer, k: 
             if n_tokens <= max_seq_len:
                 fitted = {**row, "prompt": prompt, "text": text, "n_tokens": n_tokens}
                 break
-            # drop an unrelated passage first, then the lowest-ranked relevant one
+            # drop the lowest-ranked other sentence first, the answer's own last
             unrelated = [d for d in chosen if id(d) not in relevant]
             chosen = [d for d in chosen if d is not (unrelated[-1] if unrelated else chosen[-1])]
         if fitted is None and row.get("train_only"):
